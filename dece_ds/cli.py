@@ -1,0 +1,59 @@
+"""The ``dece-ds`` command. Each subcommand lives in the module that owns it and registers itself
+through an ``add_parser(subparsers)`` function listed in ``SUBCOMMAND_MODULES``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+SUBCOMMAND_MODULES = [
+    "dece_ds.backdoor.cli",
+    "dece_ds.planning.cli",
+]
+
+
+def _config_schema(args: argparse.Namespace) -> int:
+    from .config import DeceConfig
+    print(json.dumps(DeceConfig.model_json_schema(), indent=2))
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from .config import DeceConfig, DeceConfigError
+    try:
+        cfg = DeceConfig.from_ds_config(args.path)
+    except DeceConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(json.dumps(cfg.to_ds_section(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dece-ds", description="DeCE loss for DeepSpeed training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("config-schema", help="print the JSON schema of the 'dece' config section")
+    p.set_defaults(func=_config_schema)
+    p = sub.add_parser("check-config", help="validate the 'dece' section of a DeepSpeed JSON config")
+    p.add_argument("path")
+    p.set_defaults(func=_check_config)
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if not (e.name and name.startswith(e.name)):
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

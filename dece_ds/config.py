@@ -1,0 +1,119 @@
+"""DeceConfig: the validated ``"dece"`` section of a DeepSpeed JSON config.
+
+Every field has its bounds here; cross-field rules live in one ``model_validator``. Errors name the
+field and the bad value (pydantic's own messages do, and ours follow the same form), so a bad section
+fails before any engine or process-group work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DS_SECTION = "dece"
+
+Schedule = Literal["epoch", "continuous", "constant"]
+Reduction = Literal["mean", "sum", "none"]
+
+
+class DeceConfigError(ValueError):
+    """A ``dece`` section that does not validate; the message names each bad field and value."""
+
+
+class DeceConfig(BaseModel):
+    """Settings of the DeCE loss and its alpha schedule.
+
+    ``alpha = alpha_base ** e`` with ``e`` the epoch counted from 1 (``schedule="epoch"``), or
+    ``e = 1 + step / steps_per_epoch`` (``"continuous"``), or ``alpha = alpha_base`` (``"constant"``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, description="Use DeCE; false leaves the pipeline's own loss untouched.")
+    label_smoothing: float = Field(
+        0.05, ge=0.0, lt=1.0,
+        description="epsilon: the target keeps 1-eps, every other token gets eps/(V-1).")
+    alpha_base: float = Field(
+        0.99, gt=0.0, le=1.0, description="alpha = alpha_base ** e; 1 gives label-smoothed CE.")
+    schedule: Schedule = Field(
+        "epoch", description="epoch: e = epoch from 1; continuous: e = 1 + step/steps_per_epoch; "
+                             "constant: alpha = alpha_base.")
+    steps_per_epoch: int | None = Field(
+        None, ge=1, description="Optimizer steps per epoch; drives the epoch and continuous schedules.")
+    prob_floor: float = Field(
+        1e-7, ge=0.0, lt=1.0,
+        description="softmax probabilities are clamped to >= prob_floor (released code: 1e-7; 0: exact).")
+    ignore_index: int = Field(-100, description="Targets equal to this contribute no loss and no gradient.")
+    reduction: Reduction = Field("mean", description="mean over non-ignored tokens, sum, or none.")
+    chunk_size: int | None = Field(
+        None, ge=1, description="Tokens per chunk of the fused loss; None picks one from the vocab size.")
+    fused_linear: bool = Field(
+        False, description="Compute the loss from hidden states and the lm_head weight, never the full logits.")
+    ce_warmup_epochs: int = Field(
+        0, ge=0, description="Plain label-smoothed CE (alpha = 1) for the first N epochs, then DeCE.")
+
+    @model_validator(mode="after")
+    def _schedule_needs_steps(self) -> "DeceConfig":
+        if self.schedule == "continuous" and self.steps_per_epoch is None:
+            raise ValueError(
+                "steps_per_epoch: required when schedule='continuous' (e = 1 + step / steps_per_epoch), got None")
+        return self
+
+    @classmethod
+    def from_ds_config(cls, path_or_dict: str | os.PathLike | Mapping[str, Any] | None) -> "DeceConfig":
+        """Read the top-level ``"dece"`` section of a DeepSpeed config (path to JSON, or a dict).
+
+        A config without the section gives ``DeceConfig(enabled=False)``. Raises ``DeceConfigError``
+        naming each bad field (``dece.<field>``) and the value it got.
+        """
+        if path_or_dict is None:
+            return cls(enabled=False)
+        if isinstance(path_or_dict, (str, os.PathLike)):
+            path = Path(path_or_dict)
+            try:
+                ds_config = json.loads(path.read_text())
+            except FileNotFoundError:
+                raise DeceConfigError(f"DeepSpeed config not found: {path}") from None
+            except json.JSONDecodeError as e:
+                raise DeceConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+        elif isinstance(path_or_dict, Mapping):
+            ds_config = path_or_dict
+        else:
+            raise DeceConfigError(
+                f"ds_config: expected a path or a dict, got {type(path_or_dict).__name__}")
+        section = ds_config.get(DS_SECTION)
+        if section is None:
+            return cls(enabled=False)
+        if isinstance(section, DeceConfig):
+            return section
+        if not isinstance(section, Mapping):
+            raise DeceConfigError(f"dece: expected an object, got {section!r}")
+        return cls.from_dict(section)
+
+    @classmethod
+    def from_dict(cls, section: Mapping[str, Any]) -> "DeceConfig":
+        try:
+            return cls.model_validate(dict(section))
+        except ValidationError as e:
+            raise DeceConfigError(format_validation_error(e, prefix=DS_SECTION)) from None
+
+    def to_ds_section(self) -> dict[str, Any]:
+        """The JSON-ready ``"dece"`` section that ``from_ds_config`` reads back to an equal config."""
+        return self.model_dump(mode="json")
+
+
+def format_validation_error(err: ValidationError, prefix: str) -> str:
+    lines = [f"invalid '{prefix}' section ({err.error_count()} error(s)):"]
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"])
+        field = f"{prefix}.{loc}" if loc else prefix
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            allowed = ", ".join(DeceConfig.model_fields)
+            msg = f"unknown key (allowed: {allowed})"
+        lines.append(f"  {field}: {msg} (got {item.get('input')!r})")
+    return "\n".join(lines)

@@ -1,0 +1,210 @@
+"""DeceFunction: the DeCE loss over (a shard of) the vocabulary, gradient computed in the forward.
+
+    logits  [N, V_shard]  fp32 / bf16 / fp16 (this rank's vocabulary slice; the whole vocab at TP = 1)
+    target  [N]           int64 global token ids, identical on every rank of ``tp_group``
+    ->      loss          fp32 scalar (mean / sum) or [N] (none)
+
+Forward walks the tokens in chunks of ``chunk_size`` rows; per chunk it works in fp32 scratch of
+``[chunk, V_shard]`` and writes ``dloss/dlogits`` straight into the one ``[N, V_shard]`` gradient
+buffer (input dtype), so peak extra memory is that buffer plus the scratch. Backward only scales
+the stored gradient by ``grad_output``: no collectives, no recomputation.
+
+Group of one (``tp_group=None``): each chunk is finished in one visit (log-sum-exp, partial sums,
+gradient) while it is hot in cache. Group of many: three visits, with the two collectives between
+them (see ``collectives.py``):
+    1. per-chunk local log-sum-exp                -> all-gather (lse, shard metadata) -> global lse
+    2. per-chunk partial loss term and W           -> one all-reduce of the stacked [N, 2]
+    3. per-chunk gradient (recomputes p from the logits rather than storing it)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .collectives import (VocabShard, all_reduce_sum, debug_check_same_inputs, gather_shard_lse,
+                          group_size)
+from .shard_math import (DeceConstants, WorkBuffers, chunk_grad, chunk_terms, combine_logsumexp,
+                         compute_dtype, shard_logsumexp)
+
+REDUCTIONS = ("mean", "sum", "none")
+# fp32 elements per scratch buffer: big enough to amortise per-op dispatch, small enough for cache.
+_DEFAULT_CHUNK_ELEMENTS = 1 << 20
+
+
+def default_chunk_rows(n_rows: int, v_shard: int) -> int:
+    env = os.environ.get("DECE_DS_CHUNK_ELEMENTS")
+    elements = int(env) if env else _DEFAULT_CHUNK_ELEMENTS
+    return max(1, min(n_rows, elements // max(v_shard, 1)))
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("DECE_DS_DEBUG", "0") not in ("", "0", "false", "False")
+
+
+def _row_scale(valid: torch.Tensor, reduction: str, num_items_in_batch,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """d(total)/d(loss_i) per row ``[N]`` (0 on ignored rows) and the divisor of the sum."""
+    valid_f = valid.to(dtype)
+    if num_items_in_batch is not None:
+        divisor = torch.as_tensor(num_items_in_batch, device=valid.device).to(dtype)
+    elif reduction == "mean":
+        divisor = valid_f.sum().clamp_min(1.0)
+    else:
+        divisor = torch.ones((), dtype=dtype, device=valid.device)
+    return valid_f / divisor, divisor
+
+
+def _check_finite(lse: torch.Tensor, rows: slice | None = None) -> None:
+    if not bool(torch.isfinite(lse).all()):
+        bad = (~torch.isfinite(lse)).nonzero()[:, 0]
+        offset = rows.start if rows is not None else 0
+        raise FloatingPointError(
+            f"logits: non-finite values (inf/nan) in {bad.numel()} token row(s), first at row "
+            f"{int(bad[0]) + offset} (found from the per-token log-sum-exp)")
+
+
+class DeceFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, valid, k: DeceConstants, shard: VocabShard, group, reduction: str,
+                num_items_in_batch, chunk_rows: int | None):
+        n_rows, v_shard = logits.shape
+        v_real = shard.real_size
+        world = group_size(group)
+        need_grad = ctx.needs_input_grad[0]
+        chunk_rows = chunk_rows or default_chunk_rows(n_rows, v_real)
+        device, dtype = logits.device, compute_dtype(logits.dtype)
+        row_scale, divisor = _row_scale(valid, reduction, num_items_in_batch, dtype)
+        row_coef = row_scale * k.alpha
+        target_local = target - shard.vocab_start_index
+        work = WorkBuffers(min(chunk_rows, max(n_rows, 1)), v_real, device, dtype)
+        grad = torch.zeros_like(logits) if need_grad and v_real < v_shard else (
+            torch.empty_like(logits) if need_grad else None)
+        fp32_out = need_grad and logits.dtype == dtype and v_real == v_shard  # write in place
+        chunks = [slice(i, min(i + chunk_rows, n_rows)) for i in range(0, n_rows, chunk_rows)]
+        per_token = torch.empty(n_rows, dtype=dtype, device=device)
+
+        def grad_into(terms, rows, w_total):
+            out = grad[rows] if fp32_out else work.r(rows.stop - rows.start)
+            chunk_grad(terms, w_total, row_coef[rows], k, out)
+            if not fp32_out:
+                grad[rows, :v_real].copy_(out)
+
+        if world == 1:
+            for rows in chunks:
+                z = logits[rows, :v_real]
+                lse = shard_logsumexp(z)
+                _check_finite(lse, rows)
+                lse = torch.where(valid[rows], lse, torch.full_like(lse, float("inf")))
+                terms = chunk_terms(z, target_local[rows], lse, k, work)
+                per_token[rows] = terms.loss_part
+                if need_grad:
+                    grad_into(terms, rows, terms.w_part)
+        else:
+            shard_lse = torch.empty(n_rows, dtype=dtype, device=device)
+            for rows in chunks:
+                shard_lse[rows] = shard_logsumexp(logits[rows, :v_real])
+            lse = combine_logsumexp(gather_shard_lse(shard_lse, shard, group))        # collective 1
+            _check_finite(lse)
+            lse = torch.where(valid, lse, torch.full_like(lse, float("inf")))
+            partial = torch.empty(n_rows, 2, dtype=dtype, device=device)
+            for rows in chunks:
+                terms = chunk_terms(logits[rows, :v_real], target_local[rows], lse[rows], k, work)
+                partial[rows, 0] = terms.loss_part
+                partial[rows, 1] = terms.w_part
+            all_reduce_sum(partial, group)                                              # collective 2
+            per_token = partial[:, 0].contiguous()
+            if need_grad:
+                for rows in chunks:
+                    terms = chunk_terms(logits[rows, :v_real], target_local[rows], lse[rows], k, work,
+                                        with_loss=False)
+                    grad_into(terms, rows, partial[rows, 1])
+
+        ctx.reduction = reduction
+        if need_grad:
+            ctx.save_for_backward(grad)
+        if reduction == "none":
+            return per_token
+        return per_token.sum() / divisor
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            grad.mul_(grad_output.reshape(-1, 1).to(grad.dtype))
+        elif not torch.equal(grad_output, torch.ones_like(grad_output)):
+            grad.mul_(grad_output.to(grad.dtype))
+        return grad, None, None, None, None, None, None, None, None
+
+
+def run_dece(logits, target, *, alpha, label_smoothing, ignore_index, reduction, prob_floor,
+             num_items_in_batch, shard: VocabShard, group, chunk_size=None, logits_name="logits"):
+    """Shared entry of ``dece_loss`` and ``vocab_parallel_dece``: validates, flattens, runs the Function."""
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise TypeError(f"{logits_name}: expected a floating-point tensor, got "
+                        f"{getattr(logits, 'dtype', type(logits).__name__)}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise TypeError(f"{logits_name}: dtype {logits.dtype} not supported (fp32, bf16, fp16, fp64)")
+    if not isinstance(target, torch.Tensor) or target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target: expected an int64 tensor, got "
+                        f"{getattr(target, 'dtype', type(target).__name__)}")
+    if logits.dim() < 1 or tuple(logits.shape[:-1]) != tuple(target.shape):
+        raise ValueError(f"target: shape {tuple(target.shape)} must equal {logits_name}.shape[:-1] = "
+                         f"{tuple(logits.shape[:-1])} ({logits_name} is [..., V], target [...])")
+    if target.device != logits.device:
+        raise ValueError(f"target: on {target.device}, {logits_name} on {logits.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 < float(alpha) <= 1.0:
+        raise ValueError(f"alpha: expected 0 < alpha <= 1, got {alpha}")
+    if not 0.0 <= float(label_smoothing) < 1.0:
+        raise ValueError(f"label_smoothing: expected 0 <= label_smoothing < 1, got {label_smoothing}")
+    if not 0.0 <= float(prob_floor) < 1.0:
+        raise ValueError(f"prob_floor: expected 0 <= prob_floor < 1, got {prob_floor}")
+    if num_items_in_batch is not None and float(num_items_in_batch) <= 0:
+        raise ValueError(f"num_items_in_batch: expected a positive count, got {num_items_in_batch}")
+    if shard.global_vocab_size < 1:
+        raise ValueError(f"global_vocab_size: expected >= 1, got {shard.global_vocab_size}")
+
+    out_shape = target.shape
+    t = target.reshape(-1).to(torch.int64)
+    valid = t != ignore_index
+    bad = valid & ((t < 0) | (t >= shard.global_vocab_size))
+    if bool(bad.any()):
+        first = int(t[bad][0])
+        raise IndexError(f"target: {int(bad.sum())} id(s) outside [0, {shard.global_vocab_size}) that are "
+                         f"not ignore_index={ignore_index}; first: {first}")
+    z = logits.reshape(-1, logits.shape[-1])
+    if not z.is_contiguous():
+        z = z.contiguous()
+    if debug_enabled():
+        debug_check_same_inputs(t, z.shape[0], shard, group)
+    k = DeceConstants(float(alpha), float(label_smoothing), float(prob_floor), shard.global_vocab_size)
+    loss = DeceFunction.apply(z, t, valid, k, shard, group, reduction, num_items_in_batch, chunk_size)
+    return loss.reshape(out_shape) if reduction == "none" else loss
+
+
+def dece_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float, label_smoothing: float = 0.05,
+              ignore_index: int = -100, reduction: str = "mean", prob_floor: float = 1e-7,
+              num_items_in_batch=None, chunk_size: int | None = None) -> torch.Tensor:
+    """DeCE loss on full logits.
+
+    Args:
+        logits: ``[..., V]`` fp32 / bf16 / fp16 (fp64 for gradcheck). Math in fp32; the gradient comes
+            back in the input dtype.
+        target: ``[...]`` int64 ids in ``[0, V)`` or ``ignore_index``.
+        alpha: blend weight of the model's distribution, ``alpha_base ** epoch``; in (0, 1].
+        label_smoothing: eps; the target keeps ``1 - eps``, each other token ``eps / (V - 1)``.
+        reduction: ``mean`` over non-ignored tokens, ``sum``, or ``none`` (per token, ``target``'s shape).
+        prob_floor: softmax probabilities clamped to ``>= prob_floor`` (1e-7 as released; 0 = exact).
+        num_items_in_batch: divide the sum by this count instead (exact gradient accumulation).
+        chunk_size: tokens per chunk (default: from ``V`` so a chunk's scratch stays small).
+
+    Returns: fp32 scalar, or ``[...]`` per-token losses for ``reduction="none"``.
+    """
+    vocab_size = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() else 0
+    shard = VocabShard(0, vocab_size, vocab_size)
+    return run_dece(logits, target, alpha=alpha, label_smoothing=label_smoothing, ignore_index=ignore_index,
+                    reduction=reduction, prob_floor=prob_floor, num_items_in_batch=num_items_in_batch,
+                    shard=shard, group=None, chunk_size=chunk_size)

@@ -1,0 +1,200 @@
+"""DeCE math on one chunk of tokens and one shard of the vocabulary: the only copy of the formula.
+
+Every loss path (single device, vocab-parallel, fused-linear) calls these two functions; what differs
+between paths is only where the chunk comes from and which collectives join the shards.
+
+Per token i (dropped below), global vocabulary size V, target t, eps = label_smoothing, floor f:
+
+    s   = eps / (V - 1)                      smoothing mass of every non-target token
+    y_k = s (k != t),  y_t = 1 - eps
+    p_k = exp(z_k - lse),  lse = log sum_k exp z_k   (global, over all shards)
+    pf_k = max(p_k, f);  m_k = [p_k >= f]   (the clamp's gradient mask)
+    q_k = alpha * pf_k + (1 - alpha) * y_k
+    loss = -sum_k y_k log q_k
+
+    dloss/dz_j = alpha * (p_j * W - y_j * r_j * m_j),  r_k = pf_k / q_k,  W = sum_k y_k r_k m_k
+
+The per-shard partial sums are ``-sum_{k in shard} y_k log q_k`` and ``sum_{k in shard} y_k r_k m_k``;
+summed over shards they give the loss and W. The bulk of each row is computed as if every token
+were a non-target (weight s), and the target column is corrected from gathered scalars, so the
+``[c, V_local]`` work is a handful of elementwise passes over chunk-sized buffers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DeceConstants:
+    """Scalars of one loss call. ``vocab_size`` is the global (unpadded) vocabulary size."""
+
+    alpha: float
+    label_smoothing: float
+    prob_floor: float
+    vocab_size: int
+
+    @property
+    def off_target(self) -> float:  # s
+        return self.label_smoothing / (self.vocab_size - 1) if self.vocab_size > 1 else 0.0
+
+    @property
+    def on_target(self) -> float:  # 1 - eps
+        return 1.0 - self.label_smoothing
+
+    @property
+    def off_target_offset(self) -> float:  # (1 - alpha) * s, added to alpha * pf off the target
+        return (1.0 - self.alpha) * self.off_target
+
+    @property
+    def ratio_is_constant(self) -> bool:
+        """No floor and no offset: q = alpha * p, so r = 1 / alpha everywhere (plain CE when alpha = 1)."""
+        return self.prob_floor == 0.0 and self.off_target_offset == 0.0
+
+
+@dataclass
+class ChunkTerms:
+    """Intermediates of one chunk ``[c, V_shard]`` that the gradient needs.
+
+    ``p`` and ``ratio`` are fp32 views into reusable work buffers; ``ratio`` is ``r * m`` off the
+    target (None when it is the constant ``1 / alpha``). Per-row tensors are ``[c]`` fp32.
+    """
+
+    p: torch.Tensor
+    ratio: torch.Tensor | None
+    target_col: torch.Tensor        # [c] int64, target column within the shard (0 where not in shard)
+    target_fix: torch.Tensor        # [c] fp32, s * ratio_t - (1 - eps) * r_t * m_t, 0 where not in shard
+    loss_part: torch.Tensor         # [c] fp32, -sum_{k in shard} y_k log q_k
+    w_part: torch.Tensor            # [c] fp32,  sum_{k in shard} y_k r_k m_k
+
+
+class WorkBuffers:
+    """Chunk-sized fp32 scratch reused across chunks, so a call allocates them once."""
+
+    def __init__(self, rows: int, cols: int, device: torch.device, dtype: torch.dtype = torch.float32):
+        self.rows, self.cols, self.device, self.dtype = rows, cols, device, dtype
+        self._p = torch.empty(rows, cols, dtype=dtype, device=device)
+        self._q = None
+        self._r = None
+
+    def p(self, c: int) -> torch.Tensor:
+        return self._p[:c]
+
+    def q(self, c: int) -> torch.Tensor:
+        if self._q is None:
+            self._q = torch.empty_like(self._p)
+        return self._q[:c]
+
+    def r(self, c: int) -> torch.Tensor:
+        if self._r is None:
+            self._r = torch.empty_like(self._p)
+        return self._r[:c]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs; fp64 inputs (gradcheck) keep fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def shard_logsumexp(z: torch.Tensor) -> torch.Tensor:
+    """``[c, V_shard]`` any float dtype -> ``[c]`` log-sum-exp of this shard's logits (fp32, fp64 for fp64)."""
+    dtype = compute_dtype(z.dtype)
+    return torch.logsumexp(z if z.dtype == dtype else z.to(dtype), dim=-1)
+
+
+def combine_logsumexp(shard_lse: torch.Tensor) -> torch.Tensor:
+    """``[world, N]`` per-shard log-sum-exp -> ``[N]`` global log-sum-exp."""
+    return torch.logsumexp(shard_lse, dim=0)
+
+
+def chunk_terms(
+    z: torch.Tensor,            # [c, V_shard] logits of this chunk and shard (real vocab columns only)
+    target_local: torch.Tensor,  # [c] int64, target id minus the shard's vocab_start_index
+    lse: torch.Tensor,          # [c] fp32 global log-sum-exp; +inf on ignored rows (their p is 0)
+    k: DeceConstants,
+    work: WorkBuffers,
+    with_loss: bool = True,
+) -> ChunkTerms:
+    """Per-shard partial sums of one chunk, and what ``chunk_grad`` needs. fp32 math throughout."""
+    c, v_shard = z.shape
+    alpha, s, f = k.alpha, k.off_target, k.prob_floor
+    in_shard = (target_local >= 0) & (target_local < v_shard) & torch.isfinite(lse)
+    col = torch.where(in_shard, target_local, torch.zeros_like(target_local))[:, None]
+
+    p = torch.sub(z, lse[:, None], out=work.p(c))
+    if with_loss:
+        z_t = z.gather(1, col).squeeze(1).to(p.dtype)
+    p.exp_()
+    p_t = p.gather(1, col).squeeze(1)
+
+    # Target column, from scalars: pf_t, m_t, q_t, r_t (and log q_t, stably, for the loss).
+    pf_t = p_t.clamp_min(f) if f > 0 else p_t
+    m_t = (p_t >= f).to(p.dtype) if f > 0 else torch.ones_like(p_t)
+    on_offset = (1.0 - alpha) * k.on_target
+    r_t = pf_t / (alpha * pf_t + on_offset) if on_offset > 0 else torch.full_like(p_t, 1.0 / alpha)
+
+    ratio = None
+    zeros = torch.zeros_like(p_t)
+    if s == 0.0:
+        bulk_log, bulk_ratio, ratio_t, log_q_hat_t = zeros, zeros, zeros, zeros
+    elif k.ratio_is_constant:
+        ratio_t = torch.full_like(p_t, 1.0 / alpha)
+        bulk_ratio = torch.full_like(p_t, v_shard / alpha)
+        if with_loss:  # log q_k = log alpha + z_k - lse, exactly (no exp -> log round trip)
+            bulk_log = v_shard * (math.log(alpha) - lse) + z.sum(-1, dtype=p.dtype)
+            log_q_hat_t = math.log(alpha) + z_t - lse
+    else:
+        q = torch.clamp_min(p, f, out=work.q(c)) if f > 0 else work.q(c).copy_(p)
+        q.mul_(alpha).add_(k.off_target_offset)
+        ratio = torch.div(p, q, out=work.r(c))
+        if f > 0:
+            ratio.masked_fill_(p < f, 0.0)
+        ratio_t = ratio.gather(1, col).squeeze(1)
+        bulk_ratio = ratio.sum(-1)
+        if with_loss:
+            q.log_()
+            bulk_log = q.sum(-1)
+            log_q_hat_t = q.gather(1, col).squeeze(1)
+
+    shard_mask = in_shard.to(p.dtype)
+    target_fix = shard_mask * (s * ratio_t - k.on_target * r_t * m_t)
+    w_part = s * bulk_ratio + shard_mask * (k.on_target * r_t * m_t - s * ratio_t)
+
+    if with_loss:
+        log_pf_t = z_t - lse
+        if f > 0:
+            log_pf_t = log_pf_t.clamp_min(math.log(f))
+        log_q_t = log_pf_t + math.log(alpha)
+        if on_offset > 0:
+            log_q_t = torch.logaddexp(log_q_t, torch.full_like(log_q_t, math.log(on_offset)))
+        on_term = torch.where(in_shard, k.on_target * log_q_t - s * log_q_hat_t, zeros)
+        loss_part = -(s * bulk_log + on_term)
+        loss_part = torch.where(torch.isfinite(lse), loss_part, zeros)
+    else:
+        loss_part = zeros
+    return ChunkTerms(p=p, ratio=ratio, target_col=col, target_fix=target_fix,
+                      loss_part=loss_part, w_part=w_part)
+
+
+def chunk_grad(
+    terms: ChunkTerms,
+    w_total: torch.Tensor,    # [c] fp32, W summed over all shards
+    row_coef: torch.Tensor,   # [c] fp32, alpha * (d total / d loss_i); 0 on ignored rows
+    k: DeceConstants,
+    out: torch.Tensor,        # [c, V_shard] fp32, may alias the ratio buffer
+) -> torch.Tensor:
+    """``dloss/dz`` of one chunk and shard: ``row_coef * (p * W - y * r * m)``, written into ``out``."""
+    s = k.off_target
+    p_coef = (row_coef * w_total)[:, None]
+    if terms.ratio is not None:
+        torch.mul(terms.ratio, (-s * row_coef)[:, None], out=out)
+        out.addcmul_(terms.p, p_coef)
+    else:
+        torch.mul(terms.p, p_coef, out=out)
+        if s != 0.0:
+            out.sub_((s / k.alpha) * row_coef[:, None])
+    out.scatter_add_(1, terms.target_col, (row_coef * terms.target_fix)[:, None])
+    return out
