@@ -9,3 +9,14 @@ from .schedule import AlphaSchedule
 __all__ = ["AlphaSchedule", "DeceConfig", "DeceConfigError", "DeceFunction", "DeceLoss", "dece_loss",
            "vocab_parallel_dece"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Integrations import deepspeed / transformers; load them only when asked for.
+    if name == "initialize":
+        from .integrations.deepspeed import initialize
+        return initialize
+    if name == "fused_linear_dece":
+        from .ops.fused_linear import fused_linear_dece
+        return fused_linear_dece
+    raise AttributeError(f"module 'dece_ds' has no attribute {name!r}")
