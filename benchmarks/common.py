@@ -1,0 +1,138 @@
+"""Shared benchmark plumbing: provenance, isolated runs with peak-memory measurement, table output.
+
+Peak extra memory on the CPU is measured in a forked child per case: ``ru_maxrss`` (the process's
+high-water resident set) minus the resident set after the inputs are built. glibc's mmap threshold is
+pinned low (``MALLOC_MMAP_THRESHOLD_``) so large buffers go back to the OS when freed and the
+high-water mark tracks live allocations. On CUDA the same runner reads ``max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def provenance() -> dict:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "dece_ds"], cwd=REPO,
+                                    capture_output=True, text=True).stdout.strip())
+    except OSError:
+        sha, dirty = "unknown", None
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "git_sha": sha, "dece_ds_dirty": dirty, "torch": torch.__version__, "python": platform.python_version(),
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def run_isolated(make_inputs, step, reps: int, warmup: int = 1) -> dict:
+    """Fork, build inputs, run ``step(*inputs)`` ``warmup + reps`` times; median seconds and peak extra MiB.
+
+    ``make_inputs() -> tuple``; ``step(*inputs)`` runs one forward+backward.
+    """
+    if torch.cuda.is_available():  # no fork needed: the allocator reports its own peak
+        inputs = make_inputs()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i in range(warmup + reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step(*inputs)
+            torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        return {"time_ms": 1e3 * statistics.median(times),
+                "peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20}
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read_fd)
+        result = {}
+        try:
+            inputs = make_inputs()
+            base = _rss_kib()
+            times = []
+            for i in range(warmup + reps):
+                t0 = time.perf_counter()
+                step(*inputs)
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            result = {"time_ms": 1e3 * statistics.median(times), "peak_extra_mib": (peak - base) / 1024}
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            result = {"error": f"{type(e).__name__}: {e}"}
+        os.write(write_fd, json.dumps(result).encode())
+        os._exit(0)
+    os.close(write_fd)
+    chunks = []
+    while True:
+        data = os.read(read_fd, 65536)
+        if not data:
+            break
+        chunks.append(data)
+    os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    if not chunks:
+        return {"error": f"child died (status {status}; out of memory?)"}
+    return json.loads(b"".join(chunks))
+
+
+def print_table(rows: list[dict], columns: list[str]) -> str:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    lines = [" | ".join(c.ljust(widths[c]) for c in columns),
+             "-|-".join("-" * widths[c] for c in columns)]
+    lines += [" | ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns) for r in rows]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def ensure_mmap_threshold() -> None:
+    """Re-exec once with glibc's mmap threshold pinned (see module docstring)."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and not torch.cuda.is_available():
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable] + sys.argv)
