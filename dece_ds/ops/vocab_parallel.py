@@ -20,12 +20,9 @@ from .collectives import VocabShard
 from .dece import run_dece
 
 
-def resolve_shard(vocab_parallel_logits: torch.Tensor, tp_group, vocab_start_index: int | None,
+def resolve_shard(v_local: int, tp_group, vocab_start_index: int | None,
                   global_vocab_size: int | None) -> VocabShard:
-    """This rank's shard; equal shards in rank order when the indices are omitted."""
-    if not isinstance(vocab_parallel_logits, torch.Tensor) or vocab_parallel_logits.dim() < 1:
-        raise TypeError("vocab_parallel_logits: expected a tensor [..., V_local]")
-    v_local = vocab_parallel_logits.shape[-1]
+    """This rank's shard of ``v_local`` columns; equal shards in rank order when the indices are omitted."""
     if tp_group is None:
         if (vocab_start_index not in (None, 0)) or (global_vocab_size is not None and global_vocab_size > v_local):
             raise ValueError(
@@ -58,7 +55,9 @@ def vocab_parallel_dece(vocab_parallel_logits: torch.Tensor, target: torch.Tenso
     are masked out (their gradient is 0). Set ``DECE_DS_DEBUG=1`` to check, with one extra
     all-gather, that every rank has the same targets.
     """
-    shard = resolve_shard(vocab_parallel_logits, tp_group, vocab_start_index, global_vocab_size)
+    if not isinstance(vocab_parallel_logits, torch.Tensor) or vocab_parallel_logits.dim() < 1:
+        raise TypeError("vocab_parallel_logits: expected a tensor [..., V_local]")
+    shard = resolve_shard(vocab_parallel_logits.shape[-1], tp_group, vocab_start_index, global_vocab_size)
     return run_dece(vocab_parallel_logits, target, alpha=alpha, label_smoothing=label_smoothing,
                     ignore_index=ignore_index, reduction=reduction, prob_floor=prob_floor,
                     num_items_in_batch=num_items_in_batch, shard=shard,

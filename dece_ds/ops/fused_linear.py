@@ -1,0 +1,205 @@
+"""Fused linear DeCE: the loss from hidden states and the LM-head weight, never the full logits.
+
+    hidden  [N, H]        fp32 / bf16 / fp16, replicated across tp ranks
+    weight  [V_shard, H]  the whole head, or this rank's vocabulary shard with ``tp_group``
+    bias    [V_shard]     optional
+    target  [N]           int64 global ids
+    ->      loss          fp32 scalar (mean / sum) or [N] (none)
+
+Tokens are walked in chunks of ``chunk_size`` rows. Per chunk: ``z = hidden_c @ weight.T`` ``[c,
+V_shard]``, the same per-shard math as every other path (``shard_math``), then ``dz`` goes straight
+into ``grad_hidden_c = dz @ weight`` and ``grad_weight += dz.T @ hidden_c`` (an fp32 accumulator,
+also for bf16 weights). Nothing of size ``N x V`` is ever allocated; extra memory is the fp32 weight
+gradient, ``grad_hidden`` and a few ``[chunk, V_shard]`` scratch buffers.
+
+For ``mean``/``sum`` the gradients are finished in the forward (backward only scales them). For
+``none`` the forward computes losses only and the backward recomputes the chunks with each row's
+upstream gradient.
+
+Collectives with ``tp_group`` (world > 1): per chunk the same two as the unfused loss (all-gather of
+the log-sum-exp with shard metadata, all-reduce of the per-token partial sums), and one all-reduce
+of ``grad_hidden`` at the end: the head is replaced whole, so the hidden states' gradient is the sum of
+every shard's contribution. Do not route ``hidden`` through Megatron's
+``copy_to_tensor_model_parallel_region`` as well, or that sum would be taken twice.
+
+ZeRO-3: a partitioned head weight (``ds_id`` set and not gathered) is gathered for the call with
+``deepspeed.zero.GatheredParameters``; its gradient flows back to the parameter through autograd,
+where ZeRO's hooks reduce-scatter it into the partitioned gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from .collectives import VocabShard, all_reduce_sum, gather_shard_lse, group_size
+from .dece import REDUCTIONS, _check_finite, _row_scale, debug_check_same_inputs, debug_enabled
+from .shard_math import (DeceConstants, WorkBuffers, chunk_grad, chunk_terms, combine_logsumexp,
+                         compute_dtype, shard_logsumexp)
+from .vocab_parallel import resolve_shard
+
+_CPU_CHUNK_ELEMENTS = 1 << 21
+_GPU_CHUNK_ELEMENTS = 1 << 24
+
+
+def default_fused_chunk_rows(n_rows: int, v_shard: int, device: torch.device) -> int:
+    budget = _GPU_CHUNK_ELEMENTS if device.type != "cpu" else _CPU_CHUNK_ELEMENTS
+    return max(1, min(n_rows, budget // max(v_shard, 1)))
+
+
+def _fused_pass(hidden, weight, bias, target_local, valid, k: DeceConstants, shard: VocabShard, group,
+                row_coef, chunk_rows: int, want_loss: bool):
+    """One walk over the chunks. ``row_coef`` ``[N]`` (None: loss only) -> (per_token, g_h, g_w, g_b)."""
+    n_rows, _ = hidden.shape
+    v_real = shard.real_size
+    world = group_size(group)
+    dtype = compute_dtype(hidden.dtype)
+    device = hidden.device
+    want_grads = row_coef is not None
+    work = WorkBuffers(min(chunk_rows, max(n_rows, 1)), v_real, device, dtype)
+    w_real = weight[:v_real]
+    b_real = bias[:v_real] if bias is not None else None
+    per_token = torch.zeros(n_rows, dtype=dtype, device=device) if want_loss else None
+    grad_h = torch.zeros(hidden.shape, dtype=dtype, device=device) if want_grads else None
+    grad_w = torch.zeros(weight.shape, dtype=dtype, device=device) if want_grads else None
+    grad_b = torch.zeros(weight.shape[0], dtype=dtype, device=device) if want_grads and bias is not None else None
+
+    for start in range(0, n_rows, chunk_rows):
+        rows = slice(start, min(start + chunk_rows, n_rows))
+        h = hidden[rows]
+        z = h @ w_real.T if b_real is None else torch.addmm(b_real, h, w_real.T)   # [c, v_real]
+        lse = shard_logsumexp(z)
+        if world > 1:
+            lse = combine_logsumexp(gather_shard_lse(lse, shard, group))           # collective 1
+        _check_finite(lse, rows)
+        lse = torch.where(valid[rows], lse, torch.full_like(lse, float("inf")))
+        terms = chunk_terms(z, target_local[rows], lse, k, work, with_loss=want_loss)
+        w_total = terms.w_part
+        if world > 1:
+            partial = torch.stack([terms.loss_part, terms.w_part], dim=1)
+            all_reduce_sum(partial, group)                                          # collective 2
+            w_total = partial[:, 1]
+            if want_loss:
+                per_token[rows] = partial[:, 0]
+        elif want_loss:
+            per_token[rows] = terms.loss_part
+        if not want_grads:
+            continue
+        g = chunk_grad(terms, w_total, row_coef[rows], k, out=work.r(z.shape[0]))  # [c, v_real] fp32
+        grad_h[rows] += (g if g.dtype == hidden.dtype else g.to(hidden.dtype)) @ w_real
+        grad_w[:v_real].addmm_(g.T, h if h.dtype == dtype else h.to(dtype))
+        if grad_b is not None:
+            grad_b[:v_real] += g.sum(0)
+    if want_grads and world > 1:
+        dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=group)
+    return per_token, grad_h, grad_w, grad_b
+
+
+class FusedLinearDeceFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, valid, k, shard, group, reduction, num_items_in_batch,
+                chunk_rows):
+        target_local = target - shard.vocab_start_index
+        dtype = compute_dtype(hidden.dtype)
+        row_scale, divisor = _row_scale(valid, reduction, num_items_in_batch, dtype)
+        need_grad = any(ctx.needs_input_grad[:3])
+        grads_now = need_grad and reduction != "none"
+        per_token, g_h, g_w, g_b = _fused_pass(hidden, weight, bias, target_local, valid, k, shard, group,
+                                               row_scale * k.alpha if grads_now else None, chunk_rows, True)
+        ctx.reduction = reduction
+        ctx.meta = (k, shard, group, chunk_rows)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if grads_now:
+            ctx.save_for_backward(g_h, g_w, g_b)
+        elif need_grad:  # reduction="none": recompute in backward with each row's upstream gradient
+            ctx.save_for_backward(hidden, weight, bias, target_local, valid)
+        if reduction == "none":
+            return per_token
+        return per_token.sum() / divisor
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        k, shard, group, chunk_rows = ctx.meta
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        if ctx.reduction == "none":
+            hidden, weight, bias, target_local, valid = ctx.saved_tensors
+            coef = grad_output.reshape(-1).to(compute_dtype(hidden.dtype)) * valid * k.alpha
+            _, g_h, g_w, g_b = _fused_pass(hidden, weight, bias, target_local, valid, k, shard, group,
+                                           coef, chunk_rows, False)
+        else:
+            g_h, g_w, g_b = ctx.saved_tensors
+            if not torch.equal(grad_output, torch.ones_like(grad_output)):
+                for g in (g_h, g_w, g_b):
+                    if g is not None:
+                        g.mul_(grad_output)
+        return (g_h.to(h_dtype), g_w.to(w_dtype), None if g_b is None else g_b.to(b_dtype),
+                None, None, None, None, None, None, None, None)
+
+
+@contextlib.contextmanager
+def gathered_if_partitioned(*params):
+    """Gather ZeRO-3 partitioned parameters for the duration (a no-op for ordinary tensors)."""
+    partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")
+                   and getattr(p, "ds_status", None) is not None and p.ds_status.name == "NOT_AVAILABLE"]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
+def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *, alpha: float,
+                      label_smoothing: float = 0.05, ignore_index: int = -100, reduction: str = "mean",
+                      prob_floor: float = 1e-7, num_items_in_batch=None, bias: torch.Tensor | None = None,
+                      tp_group=None, vocab_start_index: int | None = None,
+                      global_vocab_size: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    """DeCE of ``hidden @ weight.T (+ bias)`` against ``target`` without materialising the logits.
+
+    Args as ``dece_loss``/``vocab_parallel_dece``; ``hidden`` ``[..., H]``, ``weight`` ``[V_shard, H]``
+    (this rank's shard with ``tp_group``), ``target`` ``[...]``. ``chunk_size``: tokens per chunk.
+    """
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected [V_shard, H], got shape {tuple(weight.shape)}")
+    with gathered_if_partitioned(weight, bias):
+        if hidden.shape[-1] != weight.shape[1]:
+            raise ValueError(f"hidden: last dim {hidden.shape[-1]} must equal weight.shape[1] = {weight.shape[1]}")
+        if hidden.dtype != weight.dtype:
+            raise TypeError(f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}")
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if not isinstance(target, torch.Tensor) or tuple(target.shape) != tuple(hidden.shape[:-1]):
+            raise ValueError(f"target: shape {tuple(getattr(target, 'shape', ()))} must equal hidden.shape[:-1] "
+                             f"= {tuple(hidden.shape[:-1])}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+        if not 0.0 < float(alpha) <= 1.0:
+            raise ValueError(f"alpha: expected 0 < alpha <= 1, got {alpha}")
+        if not 0.0 <= float(label_smoothing) < 1.0:
+            raise ValueError(f"label_smoothing: expected 0 <= label_smoothing < 1, got {label_smoothing}")
+        if not 0.0 <= float(prob_floor) < 1.0:
+            raise ValueError(f"prob_floor: expected 0 <= prob_floor < 1, got {prob_floor}")
+        if num_items_in_batch is not None and float(num_items_in_batch) <= 0:
+            raise ValueError(f"num_items_in_batch: expected a positive count, got {num_items_in_batch}")
+        shard = resolve_shard(weight.shape[0], tp_group, vocab_start_index, global_vocab_size)
+        group = tp_group if shard.world_size > 1 else None
+        out_shape = target.shape
+        t = target.reshape(-1).to(torch.int64)
+        valid = t != ignore_index
+        bad = valid & ((t < 0) | (t >= shard.global_vocab_size))
+        if bool(bad.any()):
+            raise IndexError(f"target: {int(bad.sum())} id(s) outside [0, {shard.global_vocab_size}) that are "
+                             f"not ignore_index={ignore_index}; first: {int(t[bad][0])}")
+        h = hidden.reshape(-1, hidden.shape[-1])
+        if debug_enabled():
+            debug_check_same_inputs(t, h.shape[0], shard, group)
+        k = DeceConstants(float(alpha), float(label_smoothing), float(prob_floor), shard.global_vocab_size)
+        chunk_rows = chunk_size or default_fused_chunk_rows(h.shape[0], shard.real_size, h.device)
+        loss = FusedLinearDeceFunction.apply(h, weight, bias, t, valid, k, shard, group, reduction,
+                                             num_items_in_batch, chunk_rows)
+    return loss.reshape(out_shape) if reduction == "none" else loss

@@ -1,0 +1,164 @@
+"""fused_linear_dece equals lm_head + DeCE (the unfused path) and a float64 reference, without logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dece_ds import dece_loss, fused_linear_dece
+from dece_ds.ops.reference import reference_dece_loss
+from tests.parallel.spawn import run_distributed
+
+N, H, V = 45, 24, 203
+
+
+def _inputs(dtype, bias=False, seed=0, ignore_every=4):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.4
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    t = torch.randint(0, V, (N,), generator=g)
+    if ignore_every:
+        t[::ignore_every] = -100
+    return h, w, b, t
+
+
+def _leaf(x, dtype):
+    return None if x is None else x.detach().to(dtype).clone().requires_grad_()
+
+
+def _reference(h, w, b, t, reduction="mean", **kw):
+    h, w = _leaf(h, torch.float64), _leaf(w, torch.float64)
+    b = _leaf(b, torch.float64)
+    z = h @ w.T + (b if b is not None else 0)
+    loss = reference_dece_loss(z, t, reduction=reduction, **kw)
+    (loss.sum() if reduction == "none" else loss).backward()
+    return loss.detach(), h.grad, w.grad, None if b is None else b.grad
+
+
+# Same-dtype error of the plain path (logits then loss) bounds what we allow.
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.bfloat16: dict(rtol=5e-2, atol=2e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_matches_float64_reference(dtype, reduction, chunk_size):
+    h, w, b, t = _inputs(dtype, bias=chunk_size == 7)
+    hl, wl, bl = _leaf(h, dtype), _leaf(w, dtype), _leaf(b, dtype)
+    loss = fused_linear_dece(hl, wl, t, alpha=0.9, reduction=reduction, bias=bl, chunk_size=chunk_size)
+    (loss.sum() if reduction == "none" else loss).backward()
+    ref = _reference(h, w, b, t, reduction=reduction, alpha=0.9)
+    assert hl.grad.dtype == dtype and wl.grad.dtype == dtype
+    tol = TOL[dtype]
+    scale = 1.0 if reduction == "mean" else 10.0
+    torch.testing.assert_close(loss.double(), ref[0], rtol=tol["rtol"], atol=tol["atol"] * scale)
+    torch.testing.assert_close(hl.grad.double(), ref[1], rtol=tol["rtol"], atol=tol["atol"] * scale)
+    torch.testing.assert_close(wl.grad.double(), ref[2], rtol=tol["rtol"], atol=tol["atol"] * scale)
+    if b is not None:
+        torch.testing.assert_close(bl.grad.double(), ref[3], rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+def test_matches_unfused_path_fp32():
+    h, w, _, t = _inputs(torch.float32)
+    hl, wl = _leaf(h, torch.float32), _leaf(w, torch.float32)
+    fused = fused_linear_dece(hl, wl, t, alpha=0.97, label_smoothing=0.1, chunk_size=8)
+    fused.backward()
+    hu, wu = _leaf(h, torch.float32), _leaf(w, torch.float32)
+    unfused = dece_loss(hu @ wu.T, t, alpha=0.97, label_smoothing=0.1)
+    unfused.backward()
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hl.grad, hu.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(wl.grad, wu.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(9, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.tensor([0, 3, -100, 8, 2, 5])
+    for reduction in ("mean", "none"):
+        assert torch.autograd.gradcheck(
+            lambda h, w, b: fused_linear_dece(h, w, t, alpha=0.8, bias=b, reduction=reduction, chunk_size=4,
+                                              prob_floor=0.0), (h, w, b))
+
+
+def test_all_ignored_chunks_and_batch():
+    h, w, _, t = _inputs(torch.float32, ignore_every=0)
+    t[:20] = -100  # the first chunks are entirely ignored
+    hl, wl = _leaf(h, torch.float32), _leaf(w, torch.float32)
+    loss = fused_linear_dece(hl, wl, t, alpha=0.9, chunk_size=5)
+    loss.backward()
+    ref = _reference(h, w, None, t, alpha=0.9)
+    torch.testing.assert_close(loss.double(), ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hl.grad[:20], torch.zeros(20, H))
+    t_all = torch.full((N,), -100)
+    hl, wl = _leaf(h, torch.float32), _leaf(w, torch.float32)
+    loss = fused_linear_dece(hl, wl, t_all, alpha=0.9, chunk_size=5)
+    loss.backward()
+    assert loss.item() == 0.0 and not hl.grad.any() and not wl.grad.any()
+
+
+def test_bad_inputs_name_the_tensor():
+    h, w, _, t = _inputs(torch.float32)
+    with pytest.raises(ValueError, match="hidden"):
+        fused_linear_dece(h.float()[:, :5], w.float(), t, alpha=0.9)
+    with pytest.raises(TypeError, match="weight"):
+        fused_linear_dece(h.float(), w.double(), t, alpha=0.9)
+    with pytest.raises(ValueError, match="target"):
+        fused_linear_dece(h.float(), w.float(), t[:-1], alpha=0.9)
+    with pytest.raises(IndexError, match="target"):
+        fused_linear_dece(h.float(), w.float(), torch.full((N,), V), alpha=0.9)
+    with pytest.raises(ValueError, match="bias"):
+        fused_linear_dece(h.float(), w.float(), t, alpha=0.9, bias=torch.zeros(3))
+
+
+def test_never_allocates_n_by_v(monkeypatch):
+    """Every tensor the fused path creates is far smaller than N x V (chunk scratch only)."""
+    big_v = 2000
+    w = torch.randn(big_v, H) * 0.3
+    big = torch.randn(4000, H)
+    tt = torch.randint(0, big_v, (4000,))
+    created = []
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(o, torch.Tensor):
+                    created.append(o.numel())
+            return out
+
+    with Track():
+        loss = fused_linear_dece(big.requires_grad_(), w.requires_grad_(), tt, alpha=0.9, chunk_size=64)
+        loss.backward()
+    # the largest tensors: weight gradient [V, H], hidden gradient [N, H], chunk scratch [64, V]
+    assert max(created) <= max(big_v * H, 4000 * H, 64 * big_v) < 4000 * big_v / 10
+
+
+def _tp_rank(rank, world, dtype, reduction):
+    h, w, b, t = _inputs(dtype, bias=True)
+    starts = [0, 120, V]  # uneven shards
+    lo, hi = starts[rank], starts[rank + 1]
+    hl = _leaf(h, dtype)
+    wl, bl = _leaf(w[lo:hi], dtype), _leaf(b[lo:hi], dtype)
+    loss = fused_linear_dece(hl, wl, t, alpha=0.9, bias=bl, reduction=reduction, tp_group=dist.group.WORLD,
+                             vocab_start_index=lo, global_vocab_size=V, chunk_size=8)
+    (loss.sum() if reduction == "none" else loss).backward()
+    ref = _reference(h, w, b, t, reduction=reduction, alpha=0.9)
+    tol = TOL[dtype]
+    scale = 1.0 if reduction == "mean" else 10.0
+    torch.testing.assert_close(loss.double(), ref[0], rtol=tol["rtol"], atol=tol["atol"] * scale)
+    torch.testing.assert_close(hl.grad.double(), ref[1], rtol=tol["rtol"], atol=tol["atol"] * scale)
+    torch.testing.assert_close(wl.grad.double(), ref[2][lo:hi], rtol=tol["rtol"], atol=tol["atol"] * scale)
+    torch.testing.assert_close(bl.grad.double(), ref[3][lo:hi], rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,reduction", [(torch.float32, "mean"), (torch.bfloat16, "mean"),
+                                             (torch.float32, "none")])
+def test_tensor_parallel_two_ranks(dtype, reduction):
+    run_distributed(_tp_rank, 2, dtype, reduction)
