@@ -52,7 +52,7 @@ def _rss_kib() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
-def run_isolated(make_inputs, step, reps: int, warmup: int = 1) -> dict:
+def run_isolated(make_inputs, step, reps: int, warmup: int = 1) -> dict:  # noqa: C901
     """Fork, build inputs, run ``step(*inputs)`` ``warmup + reps`` times; median seconds and peak extra MiB.
 
     ``make_inputs() -> tuple``; ``step(*inputs)`` runs one forward+backward.

@@ -1,0 +1,97 @@
+"""Fused-linear DeCE inside HF causal LMs equals the unfused DeCE on the model's own logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+
+from dece_ds import DeceConfig
+from dece_ds.integrations.hf_fused_linear import apply_fused_linear_dece
+from dece_ds.ops.reference import reference_dece_loss
+
+V = 300
+
+
+def _tiny(family: str):
+    common = dict(vocab_size=V)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, **common)
+        return transformers.LlamaForCausalLM(cfg)
+    if family == "qwen2":
+        cfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, **common)
+        return transformers.Qwen2ForCausalLM(cfg)
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common)
+        return transformers.GPT2LMHeadModel(cfg)
+    if family == "starcoder2":
+        cfg = transformers.Starcoder2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, **common)
+        return transformers.Starcoder2ForCausalLM(cfg)
+    raise ValueError(family)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (3, 12), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    return ids, labels
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "starcoder2"])
+def test_fused_equals_unfused_dece_on_model_logits(family):
+    torch.manual_seed(0)
+    model = _tiny(family).float().eval()  # no dropout: both passes see the same network
+    ids, labels = _batch()
+    cfg = DeceConfig(alpha_base=0.9, label_smoothing=0.05)
+
+    # independent reference: the model's own logits, shifted by hand, float64 formula
+    logits = model(ids).logits
+    assert abs(torch.nn.functional.cross_entropy(logits.reshape(-1, V), ids.reshape(-1)).item()
+               - math.log(V)) < 1.0, "fresh model should start near ln V"
+    target = torch.cat([labels[:, 1:], torch.full((3, 1), -100)], dim=1)
+    ref = reference_dece_loss(logits.double().reshape(-1, V), target.reshape(-1), alpha=0.9)
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    handle = apply_fused_linear_dece(model, cfg)
+    assert apply_fused_linear_dece(model, cfg) is handle  # idempotent
+    out = model(ids, labels=labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        if name in ref_grads:
+            torch.testing.assert_close(p.grad.double(), ref_grads[name].double(), rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, n=name: f"{family} {n}: {m}")
+
+    # without labels (generation): real logits again
+    assert model(ids).logits.shape == (3, 12, V)
+    handle.revert()
+    assert not hasattr(model, "_dece_fused_linear")
+    out = model(ids, labels=labels)
+    assert out.logits is not None  # plain HF loss again
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(
+        out.logits.reshape(-1, V), target.reshape(-1)), rtol=1e-5, atol=1e-6)
+
+
+def test_schedule_drives_alpha():
+    model = _tiny("llama")
+    handle = apply_fused_linear_dece(model, DeceConfig(alpha_base=0.9, steps_per_epoch=2))
+    assert handle.alpha == pytest.approx(0.9)
+    handle.step(2)
+    assert handle.alpha == pytest.approx(0.81)
+    handle.revert()
+
+
+def test_logit_softcapping_is_refused():
+    model = _tiny("llama")
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        apply_fused_linear_dece(model, DeceConfig())
