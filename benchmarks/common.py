@@ -44,6 +44,7 @@ def provenance() -> dict:
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load_average_1m": os.getloadavg()[0],
     }
 
 

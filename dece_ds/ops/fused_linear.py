@@ -109,6 +109,7 @@ class FusedLinearDeceFunction(torch.autograd.Function):
         per_token, g_h, g_w, g_b = _fused_pass(hidden, weight, bias, target_local, valid, k, shard, group,
                                                row_scale * k.alpha if grads_now else None, chunk_rows, True)
         ctx.reduction = reduction
+        ctx.params = (weight, bias)  # ZeRO-3: re-gathered in backward if partitioned again by then
         ctx.meta = (k, shard, group, chunk_rows)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         if grads_now:
@@ -134,15 +135,42 @@ class FusedLinearDeceFunction(torch.autograd.Function):
                 for g in (g_h, g_w, g_b):
                     if g is not None:
                         g.mul_(grad_output)
+        for param in ctx.params:
+            gather_for_grad_accumulation(param)
         return (g_h.to(h_dtype), g_w.to(w_dtype), None if g_b is None else g_b.to(b_dtype),
                 None, None, None, None, None, None, None, None)
+
+
+def _is_partitioned(param) -> bool:
+    status = getattr(param, "ds_status", None)
+    return hasattr(param, "ds_id") and status is not None and status.name == "NOT_AVAILABLE"
+
+
+def gather_for_grad_accumulation(param) -> None:
+    """ZeRO-3: a full-size gradient can only be accumulated into a gathered parameter.
+
+    When the loss ran outside the head module's forward, ZeRO has re-partitioned the weight by the
+    time its gradient arrives. Gather it now; after autograd has accumulated the gradient and ZeRO's
+    own hook has reduce-scattered it into the partitioned gradient, a hook of ours (registered once,
+    so it runs after ZeRO's) partitions the parameter again.
+    """
+    if param is None or not _is_partitioned(param):
+        return
+    if not getattr(param, "_dece_repartition_hook", False):
+        def repartition(p):
+            if getattr(p, "_dece_gathered_for_grad", False):
+                p._dece_gathered_for_grad = False
+                p.partition()
+        param.register_post_accumulate_grad_hook(repartition)
+        param._dece_repartition_hook = True
+    param.all_gather()
+    param._dece_gathered_for_grad = True
 
 
 @contextlib.contextmanager
 def gathered_if_partitioned(*params):
     """Gather ZeRO-3 partitioned parameters for the duration (a no-op for ordinary tensors)."""
-    partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")
-                   and getattr(p, "ds_status", None) is not None and p.ds_status.name == "NOT_AVAILABLE"]
+    partitioned = [p for p in params if p is not None and _is_partitioned(p)]
     if not partitioned:
         yield
         return
@@ -164,9 +192,9 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor")
-    if weight.dim() != 2:
-        raise ValueError(f"weight: expected [V_shard, H], got shape {tuple(weight.shape)}")
-    with gathered_if_partitioned(weight, bias):
+    with gathered_if_partitioned(weight, bias):  # ZeRO-3: an empty partition until gathered
+        if weight.dim() != 2:
+            raise ValueError(f"weight: expected [V_shard, H], got shape {tuple(weight.shape)}")
         if hidden.shape[-1] != weight.shape[1]:
             raise ValueError(f"hidden: last dim {hidden.shape[-1]} must equal weight.shape[1] = {weight.shape[1]}")
         if hidden.dtype != weight.dtype:
