@@ -31,7 +31,8 @@ class DeceConfig(BaseModel):
     ``e = 1 + step / steps_per_epoch`` (``"continuous"``), or ``alpha = alpha_base`` (``"constant"``).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: JSON true is not 1.0 and "yes" is not a bool (ints still pass as floats)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     enabled: bool = Field(True, description="Use DeCE; false leaves the pipeline's own loss untouched.")
     label_smoothing: float = Field(
@@ -112,6 +113,9 @@ def format_validation_error(err: ValidationError, prefix: str) -> str:
         loc = ".".join(str(p) for p in item["loc"])
         field = f"{prefix}.{loc}" if loc else prefix
         msg = item["msg"].removeprefix("Value error, ")
+        head, sep, rest = msg.partition(": ")
+        if not loc and sep and head in DeceConfig.model_fields:  # cross-field rule naming its field
+            field, msg = f"{prefix}.{head}", rest
         if item["type"] == "extra_forbidden":
             allowed = ", ".join(DeceConfig.model_fields)
             msg = f"unknown key (allowed: {allowed})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -53,6 +54,12 @@ class DeceLoss(nn.Module):
         return {"schedule": self.schedule.state_dict(), "config": self.config.to_ds_section()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("config")
+        if saved is not None and saved != self.config.to_ds_section():
+            changed = sorted(k for k in set(saved) | set(self.config.to_ds_section())
+                             if saved.get(k) != self.config.to_ds_section().get(k))
+            warnings.warn(f"DeceLoss: restoring schedule state saved under a different config "
+                          f"(differs in {changed}); keeping the current config", stacklevel=2)
         self.schedule.load_state_dict(state["schedule"])
 
     def extra_repr(self) -> str:

@@ -44,6 +44,8 @@ class AlphaSchedule:
         self.step = int(step)
 
     def advance(self, n_steps: int = 1) -> None:
+        if int(n_steps) != n_steps or n_steps < 0:
+            raise ValueError(f"n_steps: a non-negative integer, got {n_steps!r}")
         self.step += int(n_steps)
 
     @property

@@ -56,6 +56,16 @@ def _row_scale(valid: torch.Tensor, reduction: str, num_items_in_batch,
     return valid_f / divisor, divisor
 
 
+def check_num_items(num_items_in_batch, reduction: str) -> None:
+    if num_items_in_batch is None:
+        return
+    if reduction == "none":
+        raise ValueError("num_items_in_batch: divides the summed loss, so it needs reduction='mean' or 'sum', "
+                         "got reduction='none'")
+    if float(num_items_in_batch) <= 0:
+        raise ValueError(f"num_items_in_batch: expected a positive count, got {num_items_in_batch}")
+
+
 def _check_finite(lse: torch.Tensor, rows: slice | None = None) -> None:
     if not bool(torch.isfinite(lse).all()):
         bad = (~torch.isfinite(lse)).nonzero()[:, 0]
@@ -130,12 +140,30 @@ class DeceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        check_single_backward(ctx)
         (grad,) = ctx.saved_tensors
-        if ctx.reduction == "none":
-            grad.mul_(grad_output.reshape(-1, 1).to(grad.dtype))
-        elif not torch.equal(grad_output, torch.ones_like(grad_output)):
-            grad.mul_(grad_output.to(grad.dtype))
+        ctx.buffer_scaled = scale_in_place(grad, grad_output, ctx.reduction)
         return grad, None, None, None, None, None, None, None, None
+
+
+def check_single_backward(ctx) -> None:
+    """The stored gradient is scaled in place (no second N x V buffer): once scaled, it is spent."""
+    if getattr(ctx, "buffer_scaled", False):
+        raise RuntimeError(
+            "dece_ds: a second backward through the same DeCE loss (retain_graph=True) after a backward with "
+            "an upstream gradient other than 1 is not supported: the gradient is precomputed in the forward "
+            "and scaled in place to hold a single N x V buffer. Recompute the loss for another backward.")
+
+
+def scale_in_place(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) -> bool:
+    """grad *= upstream gradient (per row for ``none``), rounding once into grad's dtype.
+
+    Returns whether the buffer changed (it does not for an upstream gradient of exactly 1).
+    """
+    if torch.equal(grad_output, torch.ones_like(grad_output)):
+        return False
+    grad.mul_(grad_output.reshape(-1, *([1] * (grad.dim() - 1))) if reduction == "none" else grad_output)
+    return True
 
 
 def run_dece(logits, target, *, alpha, label_smoothing, ignore_index, reduction, prob_floor,
@@ -162,8 +190,7 @@ def run_dece(logits, target, *, alpha, label_smoothing, ignore_index, reduction,
         raise ValueError(f"label_smoothing: expected 0 <= label_smoothing < 1, got {label_smoothing}")
     if not 0.0 <= float(prob_floor) < 1.0:
         raise ValueError(f"prob_floor: expected 0 <= prob_floor < 1, got {prob_floor}")
-    if num_items_in_batch is not None and float(num_items_in_batch) <= 0:
-        raise ValueError(f"num_items_in_batch: expected a positive count, got {num_items_in_batch}")
+    check_num_items(num_items_in_batch, reduction)
     if shard.global_vocab_size < 1:
         raise ValueError(f"global_vocab_size: expected >= 1, got {shard.global_vocab_size}")
 

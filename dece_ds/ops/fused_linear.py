@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 
 from .collectives import VocabShard, all_reduce_sum, gather_shard_lse, group_size
-from .dece import REDUCTIONS, _check_finite, _row_scale, debug_check_same_inputs, debug_enabled
+from .dece import (REDUCTIONS, _check_finite, _row_scale, check_num_items, check_single_backward,
+                   debug_check_same_inputs, debug_enabled, scale_in_place)
 from .shard_math import (DeceConstants, WorkBuffers, chunk_grad, chunk_terms, combine_logsumexp,
                          compute_dtype, shard_logsumexp)
 from .vocab_parallel import resolve_shard
@@ -122,6 +123,7 @@ class FusedLinearDeceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        check_single_backward(ctx)
         k, shard, group, chunk_rows = ctx.meta
         h_dtype, w_dtype, b_dtype = ctx.dtypes
         if ctx.reduction == "none":
@@ -131,10 +133,9 @@ class FusedLinearDeceFunction(torch.autograd.Function):
                                            coef, chunk_rows, False)
         else:
             g_h, g_w, g_b = ctx.saved_tensors
-            if not torch.equal(grad_output, torch.ones_like(grad_output)):
-                for g in (g_h, g_w, g_b):
-                    if g is not None:
-                        g.mul_(grad_output)
+            for g in (g_h, g_w, g_b):
+                if g is not None:
+                    ctx.buffer_scaled = scale_in_place(g, grad_output, ctx.reduction)
         for param in ctx.params:
             gather_for_grad_accumulation(param)
         return (g_h.to(h_dtype), g_w.to(w_dtype), None if g_b is None else g_b.to(b_dtype),
@@ -212,8 +213,7 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
             raise ValueError(f"label_smoothing: expected 0 <= label_smoothing < 1, got {label_smoothing}")
         if not 0.0 <= float(prob_floor) < 1.0:
             raise ValueError(f"prob_floor: expected 0 <= prob_floor < 1, got {prob_floor}")
-        if num_items_in_batch is not None and float(num_items_in_batch) <= 0:
-            raise ValueError(f"num_items_in_batch: expected a positive count, got {num_items_in_batch}")
+        check_num_items(num_items_in_batch, reduction)
         shard = resolve_shard(weight.shape[0], tp_group, vocab_start_index, global_vocab_size)
         group = tp_group if shard.world_size > 1 else None
         out_shape = target.shape

@@ -1,0 +1,250 @@
+"""DeceConfig: defaults, bounds, forbidden extras, frozen, from_ds_config round trips and errors that
+name the field (``dece.<field>``) and show the bad value; the ``dece-ds`` config commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from dece_ds import DeceConfig, DeceConfigError
+from dece_ds.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+DEFAULTS = {
+    "enabled": True, "label_smoothing": 0.05, "alpha_base": 0.99, "schedule": "epoch",
+    "steps_per_epoch": None, "prob_floor": 1e-7, "ignore_index": -100, "reduction": "mean",
+    "chunk_size": None, "fused_linear": False, "ce_warmup_epochs": 0,
+}
+
+
+def test_defaults():
+    cfg = DeceConfig()
+    assert cfg.model_dump() == DEFAULTS
+    assert set(DeceConfig.model_fields) == set(DEFAULTS)
+
+
+# --- bounds -------------------------------------------------------------------------------------------
+
+VALID = [
+    ("label_smoothing", 0.0), ("label_smoothing", 0.999), ("alpha_base", 1.0), ("alpha_base", 1e-6),
+    ("steps_per_epoch", 1), ("steps_per_epoch", 10_000), ("prob_floor", 0.0), ("prob_floor", 0.5),
+    ("schedule", "constant"), ("reduction", "sum"), ("reduction", "none"), ("chunk_size", 1),
+    ("ce_warmup_epochs", 3), ("ignore_index", -1), ("fused_linear", True), ("enabled", False),
+]
+
+INVALID = [
+    ("label_smoothing", 1.0), ("label_smoothing", 1.5), ("label_smoothing", -0.01),
+    ("alpha_base", 0.0), ("alpha_base", -0.5), ("alpha_base", 1.01), ("alpha_base", float("nan")),
+    ("steps_per_epoch", 0), ("steps_per_epoch", -4), ("steps_per_epoch", 2.5),
+    ("prob_floor", -1e-9), ("prob_floor", 1.0),
+    ("schedule", "linear"), ("schedule", "Epoch"), ("reduction", "avg"), ("reduction", None),
+    ("chunk_size", 0), ("ce_warmup_epochs", -1), ("ignore_index", "x"),
+]
+
+
+@pytest.mark.parametrize("field,value", VALID)
+def test_valid_values(field, value):
+    extra = {"steps_per_epoch": 10} if field == "schedule" else {}
+    cfg = DeceConfig.from_dict({field: value, **extra})
+    assert getattr(cfg, field) == value
+
+
+@pytest.mark.parametrize("field,value", INVALID)
+def test_invalid_values_name_field_and_value(field, value):
+    with pytest.raises(DeceConfigError) as e:
+        DeceConfig.from_dict({field: value})
+    msg = str(e.value)
+    assert f"dece.{field}" in msg
+    assert repr(value) in msg
+    # the plain constructor rejects the same value, naming the field
+    with pytest.raises(ValidationError, match=field):
+        DeceConfig(**{field: value})
+
+
+def test_error_is_a_value_error():
+    assert issubclass(DeceConfigError, ValueError)
+
+
+def test_all_errors_reported_together():
+    with pytest.raises(DeceConfigError) as e:
+        DeceConfig.from_dict({"alpha_base": 2.0, "label_smoothing": -1.0, "reduction": "avg"})
+    msg = str(e.value)
+    for field in ("alpha_base", "label_smoothing", "reduction"):
+        assert f"dece.{field}" in msg
+    assert "3 error" in msg
+
+
+def test_continuous_schedule_needs_steps_per_epoch():
+    with pytest.raises(DeceConfigError) as e:
+        DeceConfig.from_dict({"schedule": "continuous"})
+    msg = str(e.value)
+    assert "dece.steps_per_epoch" in msg
+    assert "None" in msg
+    assert DeceConfig.from_dict({"schedule": "continuous", "steps_per_epoch": 5}).steps_per_epoch == 5
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(DeceConfigError) as e:
+        DeceConfig.from_dict({"alpha": 0.9})
+    msg = str(e.value)
+    assert "dece.alpha" in msg and "unknown key" in msg
+    assert "alpha_base" in msg  # the allowed keys are listed
+    with pytest.raises(ValidationError, match="alpha"):
+        DeceConfig(alpha=0.9)
+
+
+def test_frozen():
+    cfg = DeceConfig()
+    with pytest.raises(ValidationError, match="alpha_base"):
+        cfg.alpha_base = 0.5
+    assert cfg.alpha_base == 0.99
+    assert hash(cfg) == hash(DeceConfig())  # frozen models hash by value
+
+
+# --- from_ds_config / to_ds_section -----------------------------------------------------------------
+
+CONFIGS = [
+    {},
+    {"label_smoothing": 0.1, "alpha_base": 0.98},
+    {"schedule": "continuous", "steps_per_epoch": 250, "prob_floor": 0.0, "reduction": "sum"},
+    {"enabled": False, "schedule": "constant", "alpha_base": 0.8, "chunk_size": 64, "fused_linear": True,
+     "ce_warmup_epochs": 2, "ignore_index": -1},
+]
+
+
+@pytest.mark.parametrize("section", CONFIGS)
+def test_round_trip_dict(section):
+    cfg = DeceConfig.from_ds_config({"train_batch_size": 8, "dece": section})
+    for key, value in section.items():
+        assert getattr(cfg, key) == value
+    out = cfg.to_ds_section()
+    json.dumps(out)  # JSON-ready
+    assert DeceConfig.from_ds_config({"dece": out}) == cfg
+
+
+@pytest.mark.parametrize("section", CONFIGS)
+@pytest.mark.parametrize("as_str", [True, False])
+def test_round_trip_json_file(tmp_path, section, as_str):
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True},
+                                "dece": section}))
+    cfg = DeceConfig.from_ds_config(str(path) if as_str else path)
+    assert cfg == DeceConfig(**section)
+    path2 = tmp_path / "again.json"
+    path2.write_text(json.dumps({"dece": cfg.to_ds_section()}))
+    assert DeceConfig.from_ds_config(path2) == cfg
+
+
+def test_missing_section_means_disabled(tmp_path):
+    assert DeceConfig.from_ds_config({"train_batch_size": 8}).enabled is False
+    assert DeceConfig.from_ds_config(None).enabled is False
+    path = tmp_path / "plain.json"
+    path.write_text(json.dumps({"train_batch_size": 8}))
+    assert DeceConfig.from_ds_config(path) == DeceConfig(enabled=False)
+
+
+def test_section_that_is_already_a_config():
+    cfg = DeceConfig(alpha_base=0.9)
+    assert DeceConfig.from_ds_config({"dece": cfg}) is cfg
+
+
+def test_bad_json_file(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"dece": {"alpha_base": 0.9,}')
+    with pytest.raises(DeceConfigError) as e:
+        DeceConfig.from_ds_config(path)
+    assert str(path) in str(e.value) and "JSON" in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.json"
+    with pytest.raises(DeceConfigError) as e:
+        DeceConfig.from_ds_config(path)
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("section", [[1, 2], "epoch", 0.99, True])
+def test_non_dict_section(section):
+    with pytest.raises(DeceConfigError) as e:
+        DeceConfig.from_ds_config({"dece": section})
+    assert "dece" in str(e.value) and repr(section) in str(e.value)
+
+
+def test_bad_argument_type():
+    with pytest.raises(DeceConfigError, match="ds_config"):
+        DeceConfig.from_ds_config(42)
+
+
+def test_bad_field_in_file_names_it(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"dece": {"alpha_base": 1.5, "sheduel": "epoch"}}))
+    with pytest.raises(DeceConfigError) as e:
+        DeceConfig.from_ds_config(path)
+    msg = str(e.value)
+    assert "dece.alpha_base" in msg and "1.5" in msg
+    assert "dece.sheduel" in msg
+
+
+SHIPPED = sorted(p for p in (REPO / "ds_configs").rglob("*.json"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO)) for p in SHIPPED])
+def test_shipped_ds_configs_load(path):
+    DeceConfig.from_ds_config(path)
+
+
+# --- CLI ------------------------------------------------------------------------------------------------
+
+def test_cli_config_schema(capsys):
+    assert main(["config-schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["type"] == "object"
+    assert schema["additionalProperties"] is False
+    props = schema["properties"]
+    assert set(props) == set(DEFAULTS)
+    assert props["label_smoothing"]["minimum"] == 0 and props["label_smoothing"]["exclusiveMaximum"] == 1
+    assert props["alpha_base"]["exclusiveMinimum"] == 0 and props["alpha_base"]["maximum"] == 1
+    assert set(props["reduction"]["enum"]) == {"mean", "sum", "none"}
+    assert set(props["schedule"]["enum"]) == {"epoch", "continuous", "constant"}
+    for name, prop in props.items():
+        assert prop.get("description"), f"{name} has no description"
+        assert prop.get("default", "missing") == DEFAULTS[name]
+
+
+def test_cli_check_config_ok(tmp_path, capsys):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"dece": {"alpha_base": 0.985, "label_smoothing": 0.05}}))
+    assert main(["check-config", str(path)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert DeceConfig.from_ds_config({"dece": printed}) == DeceConfig(alpha_base=0.985)
+
+
+def test_cli_check_config_without_section(tmp_path, capsys):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 1}))
+    assert main(["check-config", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["enabled"] is False
+
+
+@pytest.mark.parametrize("content", [json.dumps({"dece": {"alpha_base": 0}}), "{not json",
+                                     json.dumps({"dece": [1]}), None])
+def test_cli_check_config_bad(tmp_path, capsys, content):
+    path = tmp_path / "ds.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["check-config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip()
+    if "alpha_base" in (content or ""):
+        assert "dece.alpha_base" in captured.err and "(got 0)" in captured.err
+
+
+def test_cli_requires_a_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
