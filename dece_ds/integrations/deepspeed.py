@@ -23,7 +23,9 @@ Order of work:
      ``VocabParallelCausalLMLoss`` on the ``VocabParallelLinear`` head; DeCE replaces it and runs
      ``vocab_parallel_dece`` on the same shard layout (the head's ``mp_group``, ``vocab_start_index``,
      ``vocab_size``), so the logits are never gathered;
-   - otherwise (no TP, or TP with a gathered head): ``dece_loss`` on the full logits.
+   - otherwise (no TP, or TP with a gathered head): ``dece_loss`` on the full logits;
+   - ``fused_linear: true`` (no vocab-parallel head): ``fused_linear_dece`` from the final hidden
+     states and ``lm_head.weight`` (``integrations.hf_fused_linear``), never building the logits.
 4. Alpha: ``AlphaSchedule`` driven by ``engine.global_steps`` (optimizer steps taken), read at every
    forward: ``alpha = alpha_base ** (1 + global_steps // steps_per_epoch)`` for ``"epoch"``.
 
@@ -55,9 +57,6 @@ def _engine_rules(cfg: DeceConfig) -> DeceConfig:
         if cfg.reduction == "none":
             errors.append("  dece.reduction: the engine's backward needs a scalar loss; use 'mean' or 'sum' "
                           "(got 'none')")
-        if cfg.fused_linear:
-            errors.append("  dece.fused_linear: not available through dece_ds.initialize (the HF loss hook "
-                          "receives logits); set it to false (got True)")
     if errors:
         raise DeceConfigError(f"invalid 'dece' section ({len(errors)} error(s)):\n" + "\n".join(errors))
     return cfg
@@ -153,7 +152,7 @@ def engine_step_source(engine):
     return global_steps
 
 
-def apply_dece_to_engine(engine, config) -> DeceCausalLMLoss:
+def apply_dece_to_engine(engine, config):
     """Install DeCE as ``engine.module.loss_function`` (idempotent; ``remove_dece_from_engine`` undoes it).
 
     ``config``: DeceConfig, a ``dece`` section, or a DeepSpeed config (path / dict).
@@ -167,6 +166,13 @@ def apply_dece_to_engine(engine, config) -> DeceCausalLMLoss:
     module = getattr(engine, "module", None)
     if module is None:
         raise AttributeError(f"{type(engine).__qualname__}.module: not found; expected a DeepSpeedEngine")
+    if cfg.fused_linear:
+        from ..parallel.vocab_shard import find_vocab_parallel_head
+        from .hf_fused_linear import apply_fused_linear_dece
+        if find_vocab_parallel_head(module) is not None:
+            raise DeceConfigError("dece.fused_linear: not supported yet with AutoTP's vocab-parallel lm_head; "
+                                  "the vocab-parallel DeCE already never gathers the logits (got True)")
+        return apply_fused_linear_dece(module, cfg, step_source=engine_step_source(engine))
     return install_dece_loss(module, cfg, step_source=engine_step_source(engine))
 
 

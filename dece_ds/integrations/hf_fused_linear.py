@@ -36,6 +36,7 @@ class FusedLinearHandle:
     def __init__(self, model: nn.Module, loss: DeceLoss):
         self.model, self.loss = model, loss
         self.active = False
+        self.step_source = None
         self._hooks = []
         self._orig_head_forward = None
         self._orig_loss_function = None
@@ -75,12 +76,18 @@ def _shifted_labels(labels: torch.Tensor, ignore_index: int, shift_labels: torch
     return labels[..., 1:].contiguous()
 
 
-def apply_fused_linear_dece(model: nn.Module, config: DeceConfig | DeceLoss | None = None) -> FusedLinearHandle:
-    """Make ``model(..., labels=...)`` compute fused-linear DeCE. Opt-in, idempotent, reversible, logged."""
+def apply_fused_linear_dece(model: nn.Module, config: DeceConfig | DeceLoss | None = None, *,
+                            step_source=None) -> FusedLinearHandle:
+    """Make ``model(..., labels=...)`` compute fused-linear DeCE. Opt-in, idempotent, reversible, logged.
+
+    ``step_source``: ``() -> int`` optimizer steps taken (e.g. ``engine.global_steps``), read at every
+    call to drive the alpha schedule; without it call ``handle.step()`` / ``handle.set_epoch(e)``.
+    """
     existing = getattr(model, "_dece_fused_linear", None)
     loss = config if isinstance(config, DeceLoss) else DeceLoss(config or DeceConfig())
     if existing is not None:
         existing.loss = loss
+        existing.step_source = step_source
         return existing
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear):
@@ -95,6 +102,7 @@ def apply_fused_linear_dece(model: nn.Module, config: DeceConfig | DeceLoss | No
         raise AttributeError(f"apply_fused_linear_dece: {type(model).__name__} has no loss_function hook")
 
     handle = FusedLinearHandle(model, loss)
+    handle.step_source = step_source
     handle._orig_loss_function = model.__dict__.get("_loss_function")
     orig_head_forward = head.forward
 
@@ -107,11 +115,14 @@ def apply_fused_linear_dece(model: nn.Module, config: DeceConfig | DeceLoss | No
             raise RuntimeError("dece fused-linear loss called outside a labelled forward")
         hidden = logits  # lm_head passed the hidden states through
         cfg = handle.loss.config
+        if handle.step_source is not None:
+            handle.loss.schedule.set_step(int(handle.step_source()))
         target = _shifted_labels(labels.to(hidden.device), cfg.ignore_index, shift_labels)
         return fused_linear_dece(
             hidden, head.weight, target, alpha=handle.loss.alpha, label_smoothing=cfg.label_smoothing,
-            ignore_index=cfg.ignore_index, reduction="mean", prob_floor=cfg.prob_floor,
-            num_items_in_batch=num_items_in_batch, bias=head.bias, chunk_size=cfg.chunk_size)
+            ignore_index=cfg.ignore_index, reduction=cfg.reduction, prob_floor=cfg.prob_floor,
+            num_items_in_batch=num_items_in_batch if cfg.reduction == "mean" else None, bias=head.bias,
+            chunk_size=cfg.chunk_size)
 
     def pre_forward(module, args, kwargs):
         handle.active = kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None

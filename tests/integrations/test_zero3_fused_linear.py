@@ -27,7 +27,8 @@ def _ds_config():
 
 def _train(rank, world, mode: str, results):
     """mode: "unfused" (dece_loss on the logits), "inside" (HF hook, lm_head forward running),
-    "outside" (fused_linear_dece called on the hidden states after the model's forward returned)."""
+    "outside" (fused_linear_dece called on the hidden states after the model's forward returned),
+    "config" (dece_ds.initialize with ``"fused_linear": true`` in the dece section)."""
     import deepspeed
     import transformers
     from dece_ds import DeceConfig
@@ -57,7 +58,14 @@ def _train(rank, world, mode: str, results):
             target = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
             return dece_loss(logits, target, alpha=0.9, label_smoothing=0.05)
         model.loss_function = unfused
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=_ds_config())
+    if mode == "config":
+        import dece_ds
+        ds_config = dict(_ds_config(), dece={"alpha_base": 0.9, "label_smoothing": 0.05, "schedule": "constant",
+                                             "fused_linear": True})
+        engine, *_ = dece_ds.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        assert engine.module._dece_fused_linear is not None
+    else:
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=_ds_config())
     assert getattr(engine.module.lm_head.weight, "ds_id", None) is not None, "lm_head must be ZeRO-3 partitioned"
     g = torch.Generator().manual_seed(100 + rank)
     losses = []
@@ -71,7 +79,10 @@ def _train(rank, world, mode: str, results):
             target = torch.nn.functional.pad(ids, (0, 1), value=-100)[..., 1:]
             loss = fused_linear_dece(hidden, weight, target, alpha=0.9, label_smoothing=0.05)
         else:
-            loss = engine(input_ids=ids, labels=ids).loss
+            out = engine(input_ids=ids, labels=ids)
+            loss = out.loss
+            if mode == "config":
+                assert out.logits is None
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
@@ -93,7 +104,7 @@ def unfused_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["inside", "outside"])
+@pytest.mark.parametrize("mode", ["inside", "outside", "config"])
 def test_zero3_fused_equals_unfused(tmp_path, unfused_run, mode):
     fused_out, unfused_out = tmp_path / "fused.pt", unfused_run
     run_distributed(_train, 2, mode, str(fused_out))
