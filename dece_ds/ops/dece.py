@@ -26,7 +26,7 @@ import torch
 from .collectives import (VocabShard, all_reduce_sum, debug_check_same_inputs, gather_shard_lse,
                           group_size)
 from .shard_math import (DeceConstants, WorkBuffers, chunk_grad, chunk_terms, combine_logsumexp,
-                         compute_dtype, shard_logsumexp)
+                         compute_dtype, shard_exp_sum, shard_logsumexp)
 
 REDUCTIONS = ("mean", "sum", "none")
 # fp32 elements per scratch buffer: big enough to amortise per-op dispatch, small enough for cache.
@@ -104,17 +104,20 @@ class DeceFunction(torch.autograd.Function):
         if world == 1:
             for rows in chunks:
                 z = logits[rows, :v_real]
-                lse = shard_logsumexp(z)
+                m, sum_exp = shard_exp_sum(z, work)        # work.p = exp(z - m)
+                lse = m + sum_exp.log()
                 _check_finite(lse, rows)
-                lse = torch.where(valid[rows], lse, torch.full_like(lse, float("inf")))
-                terms = chunk_terms(z, target_local[rows], lse, k, work)
+                row_valid = valid[rows]
+                lse = torch.where(row_valid, lse, torch.full_like(lse, float("inf")))
+                p_scale = torch.where(row_valid, sum_exp.reciprocal(), torch.zeros_like(sum_exp))
+                terms = chunk_terms(z, target_local[rows], lse, k, work, p_scale=p_scale)
                 per_token[rows] = terms.loss_part
                 if need_grad:
                     grad_into(terms, rows, terms.w_part)
         else:
             shard_lse = torch.empty(n_rows, dtype=dtype, device=device)
             for rows in chunks:
-                shard_lse[rows] = shard_logsumexp(logits[rows, :v_real])
+                shard_lse[rows] = shard_logsumexp(logits[rows, :v_real], work)
             lse = combine_logsumexp(gather_shard_lse(shard_lse, shard, group))        # collective 1
             _check_finite(lse)
             lse = torch.where(valid, lse, torch.full_like(lse, float("inf")))

@@ -38,7 +38,7 @@ from .collectives import VocabShard, all_reduce_sum, gather_shard_lse, group_siz
 from .dece import (REDUCTIONS, _check_finite, _row_scale, check_num_items, check_single_backward,
                    debug_check_same_inputs, debug_enabled, scale_in_place)
 from .shard_math import (DeceConstants, WorkBuffers, chunk_grad, chunk_terms, combine_logsumexp,
-                         compute_dtype, shard_logsumexp)
+                         compute_dtype, shard_exp_sum)
 from .vocab_parallel import resolve_shard
 
 # Rows per chunk: enough that the per-chunk GEMMs run near full speed and the [V, H] weight-gradient
@@ -73,12 +73,15 @@ def _fused_pass(hidden, weight, bias, target_local, valid, k: DeceConstants, sha
         rows = slice(start, min(start + chunk_rows, n_rows))
         h = hidden[rows]
         z = h @ w_real.T if b_real is None else torch.addmm(b_real, h, w_real.T)   # [c, v_real]
-        lse = shard_logsumexp(z)
+        m, sum_exp = shard_exp_sum(z, work)                                          # work.p = exp(z - m)
+        lse = m + sum_exp.log()
         if world > 1:
             lse = combine_logsumexp(gather_shard_lse(lse, shard, group))           # collective 1
         _check_finite(lse, rows)
-        lse = torch.where(valid[rows], lse, torch.full_like(lse, float("inf")))
-        terms = chunk_terms(z, target_local[rows], lse, k, work, with_loss=want_loss)
+        row_valid = valid[rows]
+        p_scale = torch.where(row_valid, torch.exp(m - lse), torch.zeros_like(lse))
+        lse = torch.where(row_valid, lse, torch.full_like(lse, float("inf")))
+        terms = chunk_terms(z, target_local[rows], lse, k, work, with_loss=want_loss, p_scale=p_scale)
         w_total = terms.w_part
         if world > 1:
             partial = torch.stack([terms.loss_part, terms.w_part], dim=1)

@@ -72,13 +72,15 @@ class ChunkTerms:
 
 
 class WorkBuffers:
-    """Chunk-sized fp32 scratch reused across chunks, so a call allocates them once."""
+    """Chunk-sized scratch reused across chunks, so a call allocates it once (no per-chunk allocations:
+    large short-lived temporaries cost page faults on every chunk)."""
 
     def __init__(self, rows: int, cols: int, device: torch.device, dtype: torch.dtype = torch.float32):
         self.rows, self.cols, self.device, self.dtype = rows, cols, device, dtype
         self._p = torch.empty(rows, cols, dtype=dtype, device=device)
         self._q = None
         self._r = None
+        self._mask = None
 
     def p(self, c: int) -> torch.Tensor:
         return self._p[:c]
@@ -93,16 +95,36 @@ class WorkBuffers:
             self._r = torch.empty_like(self._p)
         return self._r[:c]
 
+    def mask(self, c: int) -> torch.Tensor:
+        if self._mask is None:
+            self._mask = torch.empty(self._p.shape, dtype=torch.bool, device=self.device)
+        return self._mask[:c]
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for fp32/bf16/fp16 inputs; fp64 inputs (gradcheck) keep fp64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def shard_logsumexp(z: torch.Tensor) -> torch.Tensor:
-    """``[c, V_shard]`` any float dtype -> ``[c]`` log-sum-exp of this shard's logits (fp32, fp64 for fp64)."""
-    dtype = compute_dtype(z.dtype)
-    return torch.logsumexp(z if z.dtype == dtype else z.to(dtype), dim=-1)
+def shard_exp_sum(z: torch.Tensor, work: WorkBuffers) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[c, V_shard]`` logits -> row max ``m`` and ``sum exp(z - m)`` (``[c]``, compute dtype).
+
+    Leaves ``exp(z - m)`` in ``work.p(c)`` so a caller that knows the global normaliser can turn it
+    into probabilities with one multiply instead of a second exp. Rows with no finite maximum get
+    ``m = 0``, so inf/nan logits surface as a non-finite log-sum-exp rather than being hidden.
+    """
+    c = z.shape[0]
+    m = z.amax(dim=-1).to(work.dtype)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.sub(z, m[:, None], out=work.p(c))
+    e.exp_()
+    return m, e.sum(-1)
+
+
+def shard_logsumexp(z: torch.Tensor, work: WorkBuffers) -> torch.Tensor:
+    """``[c, V_shard]`` -> ``[c]`` log-sum-exp of this shard's logits (uses ``work.p`` as scratch)."""
+    m, sum_exp = shard_exp_sum(z, work)
+    return m + sum_exp.log()
 
 
 def combine_logsumexp(shard_lse: torch.Tensor) -> torch.Tensor:
@@ -117,17 +139,25 @@ def chunk_terms(
     k: DeceConstants,
     work: WorkBuffers,
     with_loss: bool = True,
+    p_scale: torch.Tensor | None = None,
 ) -> ChunkTerms:
-    """Per-shard partial sums of one chunk, and what ``chunk_grad`` needs. fp32 math throughout."""
+    """Per-shard partial sums of one chunk, and what ``chunk_grad`` needs. fp32 math throughout.
+
+    ``p_scale`` ``[c]``: ``work.p`` already holds ``exp(z - m)`` (``shard_exp_sum``) and
+    ``p = exp(z - m) * p_scale``; without it ``p`` is computed from ``z`` and ``lse``.
+    """
     c, v_shard = z.shape
     alpha, s, f = k.alpha, k.off_target, k.prob_floor
     in_shard = (target_local >= 0) & (target_local < v_shard) & torch.isfinite(lse)
     col = torch.where(in_shard, target_local, torch.zeros_like(target_local))[:, None]
 
-    p = torch.sub(z, lse[:, None], out=work.p(c))
+    if p_scale is not None:
+        p = work.p(c).mul_(p_scale[:, None])
+    else:
+        p = torch.sub(z, lse[:, None], out=work.p(c))
+        p.exp_()
     if with_loss:
         z_t = z.gather(1, col).squeeze(1).to(p.dtype)
-    p.exp_()
     p_t = p.gather(1, col).squeeze(1)
 
     # Target column, from scalars: pf_t, m_t, q_t, r_t (and log q_t, stably, for the loss).
@@ -151,7 +181,7 @@ def chunk_terms(
         q.mul_(alpha).add_(k.off_target_offset)
         ratio = torch.div(p, q, out=work.r(c))
         if f > 0:
-            ratio.masked_fill_(p < f, 0.0)
+            ratio.masked_fill_(torch.lt(p, f, out=work.mask(c)), 0.0)
         ratio_t = ratio.gather(1, col).squeeze(1)
         bulk_ratio = ratio.sum(-1)
         if with_loss:
