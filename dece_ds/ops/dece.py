@@ -96,7 +96,7 @@ class DeceFunction(torch.autograd.Function):
         per_token = torch.empty(n_rows, dtype=dtype, device=device)
 
         def grad_into(terms, rows, w_total):
-            out = grad[rows] if fp32_out else work.r(rows.stop - rows.start)
+            out = grad[rows] if fp32_out else work.q(rows.stop - rows.start)  # q is free by now
             chunk_grad(terms, w_total, row_coef[rows], k, out)
             if not fp32_out:
                 grad[rows, :v_real].copy_(out)
@@ -122,8 +122,11 @@ class DeceFunction(torch.autograd.Function):
             _check_finite(lse)
             lse = torch.where(valid, lse, torch.full_like(lse, float("inf")))
             partial = torch.empty(n_rows, 2, dtype=dtype, device=device)
+            # fp32 without padding: p waits in the gradient buffer between visits 2 and 3 (no second exp)
+            keep_p = fp32_out
             for rows in chunks:
-                terms = chunk_terms(logits[rows, :v_real], target_local[rows], lse[rows], k, work)
+                terms = chunk_terms(logits[rows, :v_real], target_local[rows], lse[rows], k, work,
+                                    p_out=grad[rows] if keep_p else None)
                 partial[rows, 0] = terms.loss_part
                 partial[rows, 1] = terms.w_part
             all_reduce_sum(partial, group)                                              # collective 2
@@ -131,7 +134,8 @@ class DeceFunction(torch.autograd.Function):
             if need_grad:
                 for rows in chunks:
                     terms = chunk_terms(logits[rows, :v_real], target_local[rows], lse[rows], k, work,
-                                        with_loss=False)
+                                        with_loss=False, p_out=grad[rows] if keep_p else None,
+                                        p_ready=keep_p)
                     grad_into(terms, rows, partial[rows, 1])
 
         ctx.reduction = reduction

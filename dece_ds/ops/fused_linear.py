@@ -93,7 +93,7 @@ def _fused_pass(hidden, weight, bias, target_local, valid, k: DeceConstants, sha
             per_token[rows] = terms.loss_part
         if not want_grads:
             continue
-        g = chunk_grad(terms, w_total, row_coef[rows], k, out=work.r(z.shape[0]))  # [c, v_real] fp32
+        g = chunk_grad(terms, w_total, row_coef[rows], k, out=terms.p)  # [c, v_real] fp32, over p
         grad_h[rows] += (g if g.dtype == hidden.dtype else g.to(hidden.dtype)) @ w_real
         grad_w[:v_real].addmm_(g.T, h if h.dtype == dtype else h.to(dtype))
         if grad_b is not None:

@@ -59,7 +59,7 @@ class DeceConstants:
 class ChunkTerms:
     """Intermediates of one chunk ``[c, V_shard]`` that the gradient needs.
 
-    ``p`` and ``ratio`` are fp32 views into reusable work buffers; ``ratio`` is ``r * m`` off the
+    ``p`` and ``ratio`` are fp32 views into reusable work buffers (or ``p`` into the gradient buffer); ``ratio`` is ``r * m`` off the
     target (None when it is the constant ``1 / alpha``). Per-row tensors are ``[c]`` fp32.
     """
 
@@ -140,21 +140,27 @@ def chunk_terms(
     work: WorkBuffers,
     with_loss: bool = True,
     p_scale: torch.Tensor | None = None,
+    p_out: torch.Tensor | None = None,
+    p_ready: bool = False,
 ) -> ChunkTerms:
     """Per-shard partial sums of one chunk, and what ``chunk_grad`` needs. fp32 math throughout.
 
-    ``p_scale`` ``[c]``: ``work.p`` already holds ``exp(z - m)`` (``shard_exp_sum``) and
-    ``p = exp(z - m) * p_scale``; without it ``p`` is computed from ``z`` and ``lse``.
+    Where p comes from: ``p_scale`` ``[c]``: ``work.p`` already holds ``exp(z - m)``
+    (``shard_exp_sum``) and ``p = exp(z - m) * p_scale``; ``p_ready``: ``p_out`` already holds p (a
+    previous visit left it there); otherwise p is computed from ``z`` and ``lse`` into ``p_out``
+    (default ``work.p``).
     """
     c, v_shard = z.shape
     alpha, s, f = k.alpha, k.off_target, k.prob_floor
     in_shard = (target_local >= 0) & (target_local < v_shard) & torch.isfinite(lse)
     col = torch.where(in_shard, target_local, torch.zeros_like(target_local))[:, None]
 
-    if p_scale is not None:
+    if p_ready:
+        p = p_out
+    elif p_scale is not None:
         p = work.p(c).mul_(p_scale[:, None])
     else:
-        p = torch.sub(z, lse[:, None], out=work.p(c))
+        p = torch.sub(z, lse[:, None], out=work.p(c) if p_out is None else p_out)
         p.exp_()
     if with_loss:
         z_t = z.gather(1, col).squeeze(1).to(p.dtype)
@@ -216,15 +222,15 @@ def chunk_grad(
     k: DeceConstants,
     out: torch.Tensor,        # [c, V_shard] fp32, may alias the ratio buffer
 ) -> torch.Tensor:
-    """``dloss/dz`` of one chunk and shard: ``row_coef * (p * W - y * r * m)``, written into ``out``."""
+    """``dloss/dz`` of one chunk and shard: ``row_coef * (p * W - y * r * m)``, written into ``out``.
+
+    ``out`` may be ``terms.p`` itself (the gradient then overwrites p in place), not ``terms.ratio``.
+    """
     s = k.off_target
-    p_coef = (row_coef * w_total)[:, None]
+    torch.mul(terms.p, (row_coef * w_total)[:, None], out=out)
     if terms.ratio is not None:
-        torch.mul(terms.ratio, (-s * row_coef)[:, None], out=out)
-        out.addcmul_(terms.p, p_coef)
-    else:
-        torch.mul(terms.p, p_coef, out=out)
-        if s != 0.0:
-            out.sub_((s / k.alpha) * row_coef[:, None])
+        out.addcmul_(terms.ratio, (-s * row_coef)[:, None])
+    elif s != 0.0:
+        out.sub_((s / k.alpha) * row_coef[:, None])
     out.scatter_add_(1, terms.target_col, (row_coef * terms.target_fix)[:, None])
     return out
