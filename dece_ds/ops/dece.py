@@ -26,7 +26,7 @@ import torch
 from .collectives import (VocabShard, all_reduce_sum, debug_check_same_inputs, gather_shard_lse,
                           group_size)
 from .shard_math import (DeceConstants, WorkBuffers, chunk_grad, chunk_terms, combine_logsumexp,
-                         compute_dtype, shard_exp_sum, shard_logsumexp)
+                         compute_dtype, shard_exp_sum)
 
 REDUCTIONS = ("mean", "sum", "none")
 # fp32 elements per scratch buffer: big enough to amortise per-op dispatch, small enough for cache.
@@ -115,18 +115,23 @@ class DeceFunction(torch.autograd.Function):
                 if need_grad:
                     grad_into(terms, rows, terms.w_part)
         else:
+            # fp32 without padding: exp(z - m_local), then p, wait in the gradient buffer between the
+            # visits, so p costs one exp in all (else p is recomputed from the logits in visits 2 and 3)
+            keep_p = fp32_out
             shard_lse = torch.empty(n_rows, dtype=dtype, device=device)
+            shard_max = torch.empty(n_rows, dtype=dtype, device=device)
             for rows in chunks:
-                shard_lse[rows] = shard_logsumexp(logits[rows, :v_real], work)
+                m, sum_exp = shard_exp_sum(logits[rows, :v_real], work, out=grad[rows] if keep_p else None)
+                shard_max[rows], shard_lse[rows] = m, m + sum_exp.log()
             lse = combine_logsumexp(gather_shard_lse(shard_lse, shard, group))        # collective 1
             _check_finite(lse)
+            p_scale = torch.where(valid, torch.exp(shard_max - lse), torch.zeros_like(lse)) if keep_p else None
             lse = torch.where(valid, lse, torch.full_like(lse, float("inf")))
             partial = torch.empty(n_rows, 2, dtype=dtype, device=device)
-            # fp32 without padding: p waits in the gradient buffer between visits 2 and 3 (no second exp)
-            keep_p = fp32_out
             for rows in chunks:
                 terms = chunk_terms(logits[rows, :v_real], target_local[rows], lse[rows], k, work,
-                                    p_out=grad[rows] if keep_p else None)
+                                    p_out=grad[rows] if keep_p else None,
+                                    p_scale=p_scale[rows] if keep_p else None)
                 partial[rows, 0] = terms.loss_part
                 partial[rows, 1] = terms.w_part
             all_reduce_sum(partial, group)                                              # collective 2

@@ -106,24 +106,25 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def shard_exp_sum(z: torch.Tensor, work: WorkBuffers) -> tuple[torch.Tensor, torch.Tensor]:
+def shard_exp_sum(z: torch.Tensor, work: WorkBuffers,
+                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``[c, V_shard]`` logits -> row max ``m`` and ``sum exp(z - m)`` (``[c]``, compute dtype).
 
-    Leaves ``exp(z - m)`` in ``work.p(c)`` so a caller that knows the global normaliser can turn it
+    Leaves ``exp(z - m)`` in ``out`` (default ``work.p(c)``) so a caller that knows the global normaliser can turn it
     into probabilities with one multiply instead of a second exp. Rows with no finite maximum get
     ``m = 0``, so inf/nan logits surface as a non-finite log-sum-exp rather than being hidden.
     """
     c = z.shape[0]
     m = z.amax(dim=-1).to(work.dtype)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.sub(z, m[:, None], out=work.p(c))
+    e = torch.sub(z, m[:, None], out=work.p(c) if out is None else out)
     e.exp_()
     return m, e.sum(-1)
 
 
-def shard_logsumexp(z: torch.Tensor, work: WorkBuffers) -> torch.Tensor:
-    """``[c, V_shard]`` -> ``[c]`` log-sum-exp of this shard's logits (uses ``work.p`` as scratch)."""
-    m, sum_exp = shard_exp_sum(z, work)
+def shard_logsumexp(z: torch.Tensor, work: WorkBuffers, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[c, V_shard]`` -> ``[c]`` log-sum-exp of this shard's logits (``exp(z - m)`` left in ``out``)."""
+    m, sum_exp = shard_exp_sum(z, work, out)
     return m + sum_exp.log()
 
 
@@ -145,22 +146,22 @@ def chunk_terms(
 ) -> ChunkTerms:
     """Per-shard partial sums of one chunk, and what ``chunk_grad`` needs. fp32 math throughout.
 
-    Where p comes from: ``p_scale`` ``[c]``: ``work.p`` already holds ``exp(z - m)``
-    (``shard_exp_sum``) and ``p = exp(z - m) * p_scale``; ``p_ready``: ``p_out`` already holds p (a
-    previous visit left it there); otherwise p is computed from ``z`` and ``lse`` into ``p_out``
-    (default ``work.p``).
+    Where p comes from (in ``p_out``, default ``work.p``): ``p_scale`` ``[c]``: it already holds
+    ``exp(z - m)`` (``shard_exp_sum``) and ``p = exp(z - m) * p_scale``; ``p_ready``: it already holds p
+    (a previous visit left it there); otherwise p is computed from ``z`` and ``lse``.
     """
     c, v_shard = z.shape
     alpha, s, f = k.alpha, k.off_target, k.prob_floor
     in_shard = (target_local >= 0) & (target_local < v_shard) & torch.isfinite(lse)
     col = torch.where(in_shard, target_local, torch.zeros_like(target_local))[:, None]
 
+    p_out = work.p(c) if p_out is None else p_out
     if p_ready:
         p = p_out
     elif p_scale is not None:
-        p = work.p(c).mul_(p_scale[:, None])
+        p = p_out.mul_(p_scale[:, None])
     else:
-        p = torch.sub(z, lse[:, None], out=work.p(c) if p_out is None else p_out)
+        p = torch.sub(z, lse[:, None], out=p_out)
         p.exp_()
     if with_loss:
         z_t = z.gather(1, col).squeeze(1).to(p.dtype)
