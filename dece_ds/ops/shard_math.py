@@ -122,12 +122,6 @@ def shard_exp_sum(z: torch.Tensor, work: WorkBuffers,
     return m, e.sum(-1)
 
 
-def shard_logsumexp(z: torch.Tensor, work: WorkBuffers, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``[c, V_shard]`` -> ``[c]`` log-sum-exp of this shard's logits (``exp(z - m)`` left in ``out``)."""
-    m, sum_exp = shard_exp_sum(z, work, out)
-    return m + sum_exp.log()
-
-
 def combine_logsumexp(shard_lse: torch.Tensor) -> torch.Tensor:
     """``[world, N]`` per-shard log-sum-exp -> ``[N]`` global log-sum-exp."""
     return torch.logsumexp(shard_lse, dim=0)
