@@ -56,7 +56,16 @@ def _row_scale(valid: torch.Tensor, reduction: str, num_items_in_batch,
     return valid_f / divisor, divisor
 
 
-def check_num_items(num_items_in_batch, reduction: str) -> None:
+def check_loss_args(alpha, label_smoothing, reduction, prob_floor, num_items_in_batch) -> None:
+    """The scalar arguments every loss path shares; errors name the argument and the bad value."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 < float(alpha) <= 1.0:
+        raise ValueError(f"alpha: expected 0 < alpha <= 1, got {alpha}")
+    if not 0.0 <= float(label_smoothing) < 1.0:
+        raise ValueError(f"label_smoothing: expected 0 <= label_smoothing < 1, got {label_smoothing}")
+    if not 0.0 <= float(prob_floor) < 1.0:
+        raise ValueError(f"prob_floor: expected 0 <= prob_floor < 1, got {prob_floor}")
     if num_items_in_batch is None:
         return
     if reduction == "none":
@@ -64,6 +73,17 @@ def check_num_items(num_items_in_batch, reduction: str) -> None:
                          "got reduction='none'")
     if float(num_items_in_batch) <= 0:
         raise ValueError(f"num_items_in_batch: expected a positive count, got {num_items_in_batch}")
+
+
+def flat_targets(target: torch.Tensor, ignore_index: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[...]`` ids -> ``[N]`` int64 ids and ``[N]`` bool not-ignored; ids outside [0, V) raise."""
+    t = target.reshape(-1).to(torch.int64)
+    valid = t != ignore_index
+    bad = valid & ((t < 0) | (t >= vocab_size))
+    if bool(bad.any()):
+        raise IndexError(f"target: {int(bad.sum())} id(s) outside [0, {vocab_size}) that are "
+                         f"not ignore_index={ignore_index}; first: {int(t[bad][0])}")
+    return t, valid
 
 
 def _check_finite(lse: torch.Tensor, rows: slice | None = None) -> None:
@@ -194,26 +214,12 @@ def run_dece(logits, target, *, alpha, label_smoothing, ignore_index, reduction,
                          f"{tuple(logits.shape[:-1])} ({logits_name} is [..., V], target [...])")
     if target.device != logits.device:
         raise ValueError(f"target: on {target.device}, {logits_name} on {logits.device}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    if not 0.0 < float(alpha) <= 1.0:
-        raise ValueError(f"alpha: expected 0 < alpha <= 1, got {alpha}")
-    if not 0.0 <= float(label_smoothing) < 1.0:
-        raise ValueError(f"label_smoothing: expected 0 <= label_smoothing < 1, got {label_smoothing}")
-    if not 0.0 <= float(prob_floor) < 1.0:
-        raise ValueError(f"prob_floor: expected 0 <= prob_floor < 1, got {prob_floor}")
-    check_num_items(num_items_in_batch, reduction)
+    check_loss_args(alpha, label_smoothing, reduction, prob_floor, num_items_in_batch)
     if shard.global_vocab_size < 1:
         raise ValueError(f"global_vocab_size: expected >= 1, got {shard.global_vocab_size}")
 
     out_shape = target.shape
-    t = target.reshape(-1).to(torch.int64)
-    valid = t != ignore_index
-    bad = valid & ((t < 0) | (t >= shard.global_vocab_size))
-    if bool(bad.any()):
-        first = int(t[bad][0])
-        raise IndexError(f"target: {int(bad.sum())} id(s) outside [0, {shard.global_vocab_size}) that are "
-                         f"not ignore_index={ignore_index}; first: {first}")
+    t, valid = flat_targets(target, ignore_index, shard.global_vocab_size)
     z = logits.reshape(-1, logits.shape[-1])
     if not z.is_contiguous():
         z = z.contiguous()

@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 
 from .collectives import VocabShard, all_reduce_sum, gather_shard_lse, group_size
-from .dece import (REDUCTIONS, _check_finite, _row_scale, check_num_items, check_single_backward,
-                   debug_check_same_inputs, debug_enabled, scale_in_place)
+from .dece import (_check_finite, _row_scale, check_loss_args, check_single_backward, debug_check_same_inputs,
+                   debug_enabled, flat_targets, scale_in_place)
 from .shard_math import (DeceConstants, WorkBuffers, chunk_grad, chunk_terms, combine_logsumexp,
                          compute_dtype, shard_exp_sum)
 from .vocab_parallel import resolve_shard
@@ -210,24 +210,11 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
         if not isinstance(target, torch.Tensor) or tuple(target.shape) != tuple(hidden.shape[:-1]):
             raise ValueError(f"target: shape {tuple(getattr(target, 'shape', ()))} must equal hidden.shape[:-1] "
                              f"= {tuple(hidden.shape[:-1])}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-        if not 0.0 < float(alpha) <= 1.0:
-            raise ValueError(f"alpha: expected 0 < alpha <= 1, got {alpha}")
-        if not 0.0 <= float(label_smoothing) < 1.0:
-            raise ValueError(f"label_smoothing: expected 0 <= label_smoothing < 1, got {label_smoothing}")
-        if not 0.0 <= float(prob_floor) < 1.0:
-            raise ValueError(f"prob_floor: expected 0 <= prob_floor < 1, got {prob_floor}")
-        check_num_items(num_items_in_batch, reduction)
+        check_loss_args(alpha, label_smoothing, reduction, prob_floor, num_items_in_batch)
         shard = resolve_shard(weight.shape[0], tp_group, vocab_start_index, global_vocab_size)
         group = tp_group if shard.world_size > 1 else None
         out_shape = target.shape
-        t = target.reshape(-1).to(torch.int64)
-        valid = t != ignore_index
-        bad = valid & ((t < 0) | (t >= shard.global_vocab_size))
-        if bool(bad.any()):
-            raise IndexError(f"target: {int(bad.sum())} id(s) outside [0, {shard.global_vocab_size}) that are "
-                             f"not ignore_index={ignore_index}; first: {int(t[bad][0])}")
+        t, valid = flat_targets(target, ignore_index, shard.global_vocab_size)
         h = hidden.reshape(-1, hidden.shape[-1])
         if debug_enabled():
             debug_check_same_inputs(t, h.shape[0], shard, group)
