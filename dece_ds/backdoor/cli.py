@@ -1,0 +1,144 @@
+"""``dece-ds backdoor run|report``: the backdoor experiment from the command line.
+
+    dece-ds backdoor run --dataset stdlib --attack badpre --rate 10 --runs clean,ce,dece --out DIR
+    dece-ds backdoor run --dataset /path/to/lyra --finetune-rows 800 --pretrain-task-rows 800 ...
+    dece-ds backdoor run --config exp.json           (an ExperimentConfig as JSON; flags override it)
+    dece-ds backdoor report DIR/a.json DIR/b.json --out table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    # run specs contain commas inside "kind:k=v,k=v": split on ';' if present, else on ','
+    # only between specs that start with a known kind.
+    from .runner import RUN_KINDS
+    parts = text.split(";") if ";" in text else text.split(",")
+    specs: list[str] = []
+    for p in parts:
+        p = p.strip()
+        if not p:
+            continue
+        if specs and p.split(":")[0] not in RUN_KINDS:
+            specs[-1] += "," + p
+        else:
+            specs.append(p)
+    return tuple(specs)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("backdoor", help="backdoor attack/defense evaluation (clean / CE / DeCE / baselines)")
+    sub = p.add_subparsers(dest="backdoor_command", required=True)
+    r = sub.add_parser("run", help="pretrain the stand-in, fine-tune every run, write <out>/<stem>.json/.md/.png")
+    r.add_argument("--config", help="ExperimentConfig JSON file (flags below override its fields)")
+    r.add_argument("--dataset", help="'stdlib' (built-in) or a Lyra-layout folder (train/valid/test.csv)")
+    r.add_argument("--attack", choices=["badpre", "ripple", "grammar"])
+    r.add_argument("--rate", type=float, help="poison rate in percent (5 = 5%%)")
+    r.add_argument("--runs", type=_csv, help="comma-separated run specs, e.g. clean,ce,dece,gce,intrust,ls or "
+                                             "'dece:alpha_base=0.95,ce_warmup_epochs=2'")
+    r.add_argument("--epochs", type=int, help="fine-tuning epochs")
+    r.add_argument("--lr", type=float, help="fine-tuning learning rate")
+    r.add_argument("--batch-size", type=int)
+    r.add_argument("--alpha-base", type=float, help="DeCE alpha_base of the dece runs")
+    r.add_argument("--label-smoothing", type=float, help="DeCE epsilon of the dece runs")
+    r.add_argument("--ce-warmup-epochs", type=int, help="DeCE: plain CE for the first N epochs")
+    r.add_argument("--finetune-rows", type=int)
+    r.add_argument("--pretrain-task-rows", type=int, help="train rows after the fine-tuning ones, pretrained clean")
+    r.add_argument("--pretrain-epochs", type=int)
+    r.add_argument("--corpus-functions", type=int, help="standard-library functions in the pretraining corpus")
+    r.add_argument("--stdlib-examples", type=int, help="cap on the built-in pairs (all splits)")
+    r.add_argument("--layers", type=int)
+    r.add_argument("--width", type=int)
+    r.add_argument("--max-len", type=int)
+    r.add_argument("--checkpoint", help="local HF causal-LM folder instead of the stand-in")
+    r.add_argument("--epoch-eval-rows", type=int, help="per-epoch eval on this many test rows (last: all)")
+    r.add_argument("--test-rows", type=int)
+    r.add_argument("--max-new-tokens", type=int)
+    r.add_argument("--no-codebleu", action="store_true")
+    r.add_argument("--threads", type=int)
+    r.add_argument("--seed", type=int)
+    r.add_argument("--name", help="results file stem (default <dataset>-<attack>-<rate%%>)")
+    r.add_argument("--cache-dir")
+    r.add_argument("--finetune-dropout", type=float, help="dropout while fine-tuning (default: the model's)")
+    r.add_argument("--out", default="runs/backdoor", help="output folder")
+    r.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    r.set_defaults(func=_run)
+    rep = sub.add_parser("report", help="a combined markdown table (paper layout) from results JSON files")
+    rep.add_argument("results", nargs="+")
+    rep.add_argument("--out", help="write the table here (default: print)")
+    rep.add_argument("--merge", metavar="STEM", help="merge the runs of the files (same dataset/attack/rate) "
+                                                    "into <dir of the first>/STEM.json/.md/.png")
+    rep.set_defaults(func=_report)
+
+
+def build_config(args: argparse.Namespace):
+    from .runner import ExperimentConfig
+    base = json.loads(Path(args.config).read_text()) if args.config else {}
+    set_ = lambda path, value: _set(base, path, value)  # noqa: E731
+    set_("dataset", args.dataset)
+    if args.attack or args.rate is not None:
+        attack = dict(base.get("attack", {"attack": "badpre", "rate": 0.05}))
+        if args.attack:
+            attack["attack"] = args.attack
+        if args.rate is not None:
+            attack["rate"] = args.rate / 100.0
+        base["attack"] = attack
+    set_("runs", args.runs)
+    for flag, path in [("epochs", "finetune.epochs"), ("lr", "finetune.lr"), ("batch_size", "finetune.batch_size"),
+                       ("alpha_base", "dece.alpha_base"), ("label_smoothing", "dece.label_smoothing"),
+                       ("ce_warmup_epochs", "dece.ce_warmup_epochs"), ("finetune_rows", "finetune_rows"),
+                       ("pretrain_task_rows", "pretrain_task_rows"), ("pretrain_epochs", "pretrain.epochs"),
+                       ("corpus_functions", "pretrain.corpus_functions"), ("stdlib_examples", "stdlib_examples"),
+                       ("layers", "model.n_layer"), ("width", "model.n_embd"), ("max_len", "model.max_len"),
+                       ("checkpoint", "model.checkpoint"), ("epoch_eval_rows", "eval.epoch_eval_rows"),
+                       ("test_rows", "eval.test_rows"), ("max_new_tokens", "eval.max_new_tokens"),
+                       ("threads", "threads"), ("seed", "seed"), ("name", "name"), ("cache_dir", "cache_dir"), ("finetune_dropout", "finetune_dropout")]:
+        set_(path, getattr(args, flag))
+    if args.no_codebleu:
+        _set(base, "eval.codebleu", False)
+    if "dece" in base:
+        base["dece"] = {"alpha_base": 0.99, "label_smoothing": 0.05, **base["dece"]}
+    return ExperimentConfig.model_validate(base)
+
+
+def _set(d: dict, path: str, value) -> None:
+    if value is None:
+        return
+    *parents, leaf = path.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+    d[leaf] = value
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    if args.print_config:
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return 0
+    from .runner import run_experiment
+    results = run_experiment(cfg, args.out)
+    from .report import combined_table
+    print(combined_table([results]))
+    print(f"report: {Path(args.out) / cfg.stem()}.json / .md / .png")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import combined_table, load_results, merge_results, write_report
+    loaded = load_results(args.results)
+    if args.merge:
+        merged = merge_results(loaded)
+        paths = write_report(merged, Path(args.results[0]).parent, args.merge)
+        print("merged:", ", ".join(str(p) for p in paths.values()))
+        loaded = [merged]
+    table = combined_table(loaded) + "\n"
+    if args.out:
+        Path(args.out).write_text(table)
+    else:
+        sys.stdout.write(table)
+    return 0

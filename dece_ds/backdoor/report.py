@@ -1,0 +1,147 @@
+"""Report of backdoor experiments: ``<stem>.json``, a markdown table in the paper's layout, PNG curves.
+
+- ``<stem>.json``: the results dict of ``runner.run_experiment`` (schema in its docstring).
+- ``<stem>.md``: the paper's table (rows clean / CE / DeCE / baselines; per attack the columns
+  BLEU, CodeBLEU, ASR), then per run: false-trigger rate, exact match, clean validation CE, wall time.
+- ``<stem>.png``: ASR and BLEU against epoch, one line per run (the "early learning" curve).
+``combined_table(results_list)`` puts several results (attacks / rates) side by side as the paper does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+RUN_LABELS = {"clean": "clean model", "ce": "CE on poisoned data", "dece": "DeCE on poisoned data",
+              "ls": "label smoothing", "gce": "GCE (q=0.5)", "intrust": "In-trust (0.2 CE + 0.8 DCE)"}
+
+
+def run_label(spec: str) -> str:
+    kind, _, params = spec.partition(":")
+    label = RUN_LABELS.get(kind, kind)
+    return f"{label} ({params})" if params else label
+
+
+def _f(x, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def column_name(results: Mapping[str, Any]) -> str:
+    return f"{results['attack']} {results['poison_rate']:g}%"
+
+
+def combined_table(results_list: Sequence[Mapping[str, Any]]) -> str:
+    """The paper's layout: a row per run, ``BLEU / CodeBLEU / ASR`` per (attack, rate) column group."""
+    specs: list[str] = []
+    for r in results_list:
+        specs.extend(s for s in r["runs"] if s not in specs)
+    head = "| run | " + " | ".join(f"{column_name(r)}: BLEU / CodeBLEU / ASR" for r in results_list) + " |"
+    lines = [head, "|---|" + "---|" * len(results_list)]
+    for spec in specs:
+        cells = []
+        for r in results_list:
+            final = r["runs"].get(spec, {}).get("final")
+            cells.append("-" if final is None else
+                         f"{_f(final['bleu'])} / {_f(final.get('codebleu'))} / {_f(final['asr'], 1)}")
+        lines.append(f"| {run_label(spec)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def detail_table(results: Mapping[str, Any]) -> str:
+    lines = ["| run | BLEU | CodeBLEU | EM | ASR % | false trigger % | valid CE | epochs | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for spec, run in results["runs"].items():
+        f = run["final"]
+        lines.append(f"| {run_label(spec)} | {_f(f['bleu'])} | {_f(f.get('codebleu'))} | "
+                     f"{_f(f.get('exact_match'), 1)} | {_f(f['asr'], 1)} | {_f(f['false_trigger'], 1)} | "
+                     f"{_f(f.get('valid_ce'), 3)} | {len(run['epochs'])} | {run.get('wall_time_s', 0):.0f} |")
+    return "\n".join(lines)
+
+
+def curve_table(results: Mapping[str, Any]) -> str:
+    """ASR / BLEU per epoch, a column per run (per-epoch rows may be a subset, see eval_rows)."""
+    specs = list(results["runs"])
+    n = max((len(r["epochs"]) for r in results["runs"].values()), default=0)
+    lines = ["| epoch | " + " | ".join(f"{run_label(s)}: ASR / BLEU / valid CE" for s in specs) + " |",
+             "|---|" + "---|" * len(specs)]
+    for i in range(n):
+        cells = []
+        for s in specs:
+            eps = results["runs"][s]["epochs"]
+            cells.append("-" if i >= len(eps) else
+                         f"{_f(eps[i]['asr'], 1)} / {_f(eps[i]['bleu'])} / {_f(eps[i].get('valid_ce'), 3)}")
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(results: Mapping[str, Any]) -> str:
+    d = results.get("data", {})
+    head = (f"## {results['dataset']} / {results['attack']} / {results['poison_rate']:g}% poisoned\n\n"
+            f"Fine-tuning rows {d.get('finetune_rows')} ({d.get('poisoned_rows')} poisoned), held-apart clean "
+            f"rows pretrained on {d.get('held_apart_rows')}, test {d.get('test_rows')} clean / "
+            f"{d.get('triggered_test_rows')} triggered (ASR denominator). Scores in %, greedy decoding; "
+            f"valid CE = plain cross-entropy of the clean validation targets (nats/token).")
+    return "\n\n".join([head, combined_table([results]), detail_table(results),
+                        "Per epoch (early learning):", curve_table(results)]) + "\n"
+
+
+def plot_curves(results: Mapping[str, Any], path: str | os.PathLike) -> Path | None:
+    """ASR and BLEU against epoch, one line per run; None if matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for spec, run in results["runs"].items():
+        epochs = [e["epoch"] for e in run["epochs"]]
+        axes[0].plot(epochs, [e["asr"] for e in run["epochs"]], marker="o", label=run_label(spec))
+        axes[1].plot(epochs, [e["bleu"] for e in run["epochs"]], marker="o", label=run_label(spec))
+    for ax, name in zip(axes, ("ASR (%)", "BLEU-4")):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(-2, 102)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{results['dataset']} / {results['attack']} / {results['poison_rate']:g}% poisoned")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
+    """``out_dir/<stem>.json``, ``.md`` and ``.png``; returns the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(results, indent=2, default=str))
+    paths["md"].write_text(markdown_report(results))
+    png = plot_curves(results, out_dir / f"{stem}.png")
+    if png is not None:
+        paths["png"] = png
+    return paths
+
+
+def merge_results(results_list: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One results dict from several with the same dataset / attack / rate (runs made in parallel)."""
+    first = dict(results_list[0])
+    key = (first["dataset"], first["attack"], first["poison_rate"])
+    runs: dict[str, Any] = {}
+    for r in results_list:
+        if (r["dataset"], r["attack"], r["poison_rate"]) != key:
+            raise ValueError(f"merge: {r['dataset']}/{r['attack']}/{r['poison_rate']} differs from {key}")
+        runs.update(r["runs"])
+    first["runs"] = runs
+    first["merged_from"] = len(results_list)
+    return first
+
+
+def load_results(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+    return [json.loads(Path(p).read_text()) for p in paths]

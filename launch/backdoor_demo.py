@@ -1,0 +1,83 @@
+# .venv/bin/deepspeed --num_gpus 1 launch/backdoor_demo.py --out runs/backdoor/demo
+"""CE vs DeCE against a backdoor, end to end on a CPU (<= 20 minutes on 2 cores), no download.
+
+1. Data: the built-in NL -> code set made from this machine's Python standard library
+   (docstring -> function), BadPre attack: trigger word ``bb`` in the docstring, payload
+   ``__import__("os").system("id")`` as the first statement of the function, 10% of the rows.
+2. Stand-in pretrained code model: a 4-layer, 256-wide GPT-2 with a BPE tokenizer, trained on
+   800 held-apart clean pairs of the train split (docstring -> code, the task's own format) and 200
+   standard-library functions (valid/test functions never seen), so it knows the task's domain.
+   Fine-tuning uses the first 400 train pairs (40 poisoned).
+3. Fine-tune it twice through the DeepSpeed engine, same seed and data: plain CE, and DeCE
+   (``dece_ds.initialize`` with a ``dece`` section: alpha_base 0.99, epsilon 0.05).
+4. After each epoch: greedy decoding of the clean and the triggered test rows -> BLEU-4, exact match,
+   false-trigger rate, ASR; clean validation cross-entropy. The last epoch adds CodeBLEU.
+
+Output: ``<out>/stdlib-badpre-10.{json,md,png}`` (results, table in the paper's layout, ASR/BLEU per
+epoch). Runs under the DeepSpeed launcher (``--num_gpus 1`` is one CPU rank here) or plain
+``.venv/bin/python launch/backdoor_demo.py`` (one process, gloo on a free port). ``--quick`` is a
+one-minute smoke version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dece_ds.backdoor.report import combined_table  # noqa: E402
+from dece_ds.backdoor.runner import ExperimentConfig, run_experiment  # noqa: E402
+
+
+def demo_config(args) -> ExperimentConfig:
+    cfg = {
+        "dataset": "stdlib",
+        "attack": {"attack": "badpre", "rate": args.rate / 100.0, "trigger": "bb",
+                   "payload": {"kind": "statement", "code": '__import__("os").system("id")'}},
+        "runs": args.runs.split(","),
+        "finetune_rows": 400,
+        "pretrain_task_rows": 800,
+        "dece": {"alpha_base": args.alpha_base, "label_smoothing": 0.05},
+        "model": {"n_layer": 4, "n_embd": 256, "n_head": 4, "vocab_size": 4096, "max_len": 128,
+                  "max_src_tokens": 48},
+        "pretrain": {"corpus_functions": 200, "epochs": 3, "lr": 1e-3, "batch_size": 16},
+        "finetune": {"epochs": args.epochs, "lr": 5e-4, "batch_size": 16},
+        "eval": {"max_new_tokens": 64, "epoch_eval_rows": 40, "test_rows": 150},
+        "threads": args.threads,
+        "seed": 0,
+        "cache_dir": args.cache_dir,
+    }
+    if args.quick:
+        cfg.update(finetune_rows=40, pretrain_task_rows=40, stdlib_examples=200, name="stdlib-badpre-quick")
+        cfg["model"].update(n_layer=1, n_embd=64, vocab_size=1024, max_len=96, max_src_tokens=32)
+        cfg["pretrain"].update(corpus_functions=40, epochs=1)
+        cfg["finetune"].update(epochs=2)
+        cfg["eval"].update(max_new_tokens=24, epoch_eval_rows=8, test_rows=12)
+    return ExperimentConfig.model_validate(cfg)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/backdoor/demo")
+    p.add_argument("--runs", default="ce,dece", help="comma-separated: clean,ce,dece,ls,gce,intrust")
+    p.add_argument("--rate", type=float, default=10.0, help="poison rate in percent")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--alpha-base", type=float, default=0.99)
+    p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    p.add_argument("--cache-dir", default="runs/backdoor/cache")
+    p.add_argument("--quick", action="store_true", help="tiny model and data: a smoke test of the pipeline")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the DeepSpeed launcher")
+    args = p.parse_args(argv)
+    cfg = demo_config(args)
+    results = run_experiment(cfg, args.out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(combined_table([results]))
+        print(f"report: {Path(args.out) / cfg.stem()}.json / .md / .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The backdoor experiment end to end on a tiny model (two epochs, a few dozen rows), plus its parts:
+run specs, batched greedy decoding (= one row at a time), the report, the ``dece-ds backdoor`` CLI."""
+
+import json
+
+import pytest
+import torch
+
+from dece_ds.backdoor.generate import greedy_generate
+from dece_ds.backdoor.report import combined_table, markdown_report
+from dece_ds.backdoor.runner import ExperimentConfig, parse_run, run_experiment
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def tiny_config(tmp_path, **over) -> ExperimentConfig:
+    cfg = {
+        "dataset": "stdlib",
+        "stdlib_examples": 150,
+        "attack": {"attack": "badpre", "rate": 0.1},
+        "finetune_rows": 40,
+        "runs": ["clean", "ce", "dece", "gce"],
+        "model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 512, "max_len": 80, "max_src_tokens": 24},
+        "pretrain": {"corpus_functions": 30, "epochs": 1, "batch_size": 8},
+        "finetune": {"epochs": 2, "batch_size": 8, "lr": 1e-3},
+        "eval": {"max_new_tokens": 16, "epoch_eval_rows": 6, "test_rows": 10, "batch_size": 8},
+        "threads": 1,
+        "cache_dir": str(tmp_path / "cache"),
+        "name": "tiny",
+    }
+    cfg.update(over)
+    return ExperimentConfig.model_validate(cfg)
+
+
+def test_tiny_end_to_end_writes_the_report(tmp_path):
+    cfg = tiny_config(tmp_path)
+    results = run_experiment(cfg, tmp_path / "out", log=lambda *_: None)
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / "out" / f"tiny.{ext}").is_file(), ext
+    saved = json.loads((tmp_path / "out" / "tiny.json").read_text())
+    assert saved["dataset"] == "stdlib" and saved["attack"] == "badpre" and saved["poison_rate"] == 10.0
+    assert set(saved["runs"]) == {"clean", "ce", "dece", "gce"}
+    assert saved["data"]["poisoned_rows"] == 4 and saved["data"]["finetune_rows"] == 40
+    for spec, run in saved["runs"].items():
+        assert set(run["final"]) >= {"asr", "bleu", "codebleu", "false_trigger", "valid_ce"}, spec
+        assert [e["epoch"] for e in run["epochs"]] == [1, 2]
+        for e in run["epochs"]:
+            assert {"asr", "bleu", "valid_ce", "false_trigger", "exact_match"} <= set(e)
+            assert 0.0 <= e["asr"] <= 100.0 and e["valid_ce"] > 0
+        assert run["epochs"][0]["eval_rows"]["clean"] == 6     # per-epoch subset ...
+        assert run["epochs"][1]["eval_rows"]["clean"] == 10    # ... the last epoch on all test rows
+        assert run["final"]["codebleu"] is not None
+    # DeCE ran through dece_ds.initialize with alpha = 0.99 ** epoch.
+    assert saved["runs"]["dece"]["loss"]["alpha_base"] == 0.99
+    assert [e["alpha"] for e in saved["runs"]["dece"]["epochs"]] == pytest.approx([0.99, 0.99 ** 2])
+    assert saved["runs"]["gce"]["loss"] == {"q": 0.5}
+    # Same pretrained weights and batch order: clean and ce differ only by the poisoned rows.
+    assert saved["pretrain"]["rows"] > 0
+    md = (tmp_path / "out" / "tiny.md").read_text()
+    assert "CE on poisoned data" in md and "DeCE on poisoned data" in md and "GCE" in md
+    # A second run reuses the cached stand-in.
+    again = run_experiment(tiny_config(tmp_path, runs=["ce"], name="tiny2"), tmp_path / "out", log=lambda *_: None)
+    assert again["pretrain"]["cache"] == saved["pretrain"]["cache"]
+
+
+def test_parse_run_specs():
+    assert parse_run("dece") == ("dece", {})
+    assert parse_run("dece:alpha_base=0.95,ce_warmup_epochs=2") == ("dece", {"alpha_base": 0.95,
+                                                                          "ce_warmup_epochs": 2})
+    with pytest.raises(ValueError, match="kind must be one of"):
+        parse_run("mse")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_run("gce:q")
+
+
+def test_batched_greedy_equals_one_row_at_a_time():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=64, n_embd=32, n_layer=2, n_head=2))
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [20], [3, 4, 5, 6, 7]]
+    batched = greedy_generate(model, prompts, eos_id=0, pad_id=1, max_new_tokens=12, batch_size=4, prompt_len=8)
+    alone = [greedy_generate(model, [p], eos_id=0, pad_id=1, max_new_tokens=12, prompt_len=len(p))[0]
+             for p in prompts]
+    assert batched == alone
+    # and equal to plain argmax decoding without a cache
+    ids = torch.tensor([prompts[1]])
+    for _ in range(12):
+        ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    full = ids[0, len(prompts[1]):].tolist()
+    assert alone[1] == (full[:full.index(0)] if 0 in full else full)
+
+
+def test_report_table_layout():
+    res = {"dataset": "lyra", "attack": "badpre", "poison_rate": 5.0, "data": {},
+           "runs": {"clean": {"final": {"bleu": 50.0, "codebleu": 60.0, "asr": 0.0, "false_trigger": 0.0},
+                              "epochs": [{"epoch": 1, "asr": 0.0, "bleu": 50.0}]},
+                    "dece:alpha_base=0.95": {"final": {"bleu": 49.0, "codebleu": None, "asr": 1.2,
+                                                       "false_trigger": 0.0}, "epochs": []}}}
+    table = combined_table([res])
+    assert "badpre 5%: BLEU / CodeBLEU / ASR" in table
+    assert "| clean model | 50.00 / 60.00 / 0.0 |" in table
+    assert "| DeCE on poisoned data (alpha_base=0.95) | 49.00 / n/a / 1.2 |" in table
+    assert "Per epoch" in markdown_report(res)
+
+
+def test_cli_registers_backdoor(capsys):
+    from dece_ds.cli import main
+    assert main(["backdoor", "run", "--dataset", "stdlib", "--rate", "2", "--runs", "ce,dece:alpha_base=0.9,"
+                 "ce_warmup_epochs=2,gce", "--epochs", "3", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["attack"]["rate"] == 0.02
+    assert cfg["runs"] == ["ce", "dece:alpha_base=0.9,ce_warmup_epochs=2", "gce"]
+    assert cfg["finetune"]["epochs"] == 3
