@@ -155,24 +155,13 @@ def main(argv=None):  # noqa: C901 - a launch script reads top to bottom
          f"total_steps={total_steps} dece={dece.to_ds_section() if dece.enabled else 'off'}")
 
     ckpt_dir = out / "checkpoints"
-    if args.resume:
-        load_from = ckpt_dir if args.resume == "auto" else Path(args.resume)
-        if (load_from / "latest").exists():
-            path, client_state = engine.load_checkpoint(str(load_from))
-            if path is None:
-                sys.exit(f"error: --resume: could not load a checkpoint from {load_from}")
-            check_dece_client_state(engine, client_state)
-            positions = (client_state or {}).get("data", {}).get("positions")
-            if not positions or len(positions) != world:
-                sys.exit(f"error: --resume: the checkpoint holds no data position for {world} ranks")
-            stream.load_state_dict(positions[dist.get_rank()])
-            log0(f"resumed from {path} at step {engine.global_steps}, {stream.sequences} sequences read on rank 0")
-            if base.is_main() and (out / "log.jsonl").exists():
-                kept = [line for line in (out / "log.jsonl").read_text().splitlines()
-                        if line.strip() and json.loads(line)["step"] <= engine.global_steps]
-                (out / "log.jsonl").write_text("".join(line + "\n" for line in kept))
-        elif args.resume != "auto":
-            sys.exit(f"error: --resume: no checkpoint in {load_from}")
+    client_state = base.resume(engine, args, out, ckpt_dir)
+    if client_state is not None:
+        positions = client_state.get("data", {}).get("positions")
+        if not positions or len(positions) != world:
+            sys.exit(f"error: --resume: the checkpoint holds no data position for {world} ranks")
+        stream.load_state_dict(positions[dist.get_rank()])
+        log0(f"data position restored: {stream.sequences} sequences read on rank 0")
 
     def save():
         positions = [None] * world

@@ -235,6 +235,29 @@ def export_safetensors(engine, tok, out: Path):
 
 # -------------------------------------------------------------------------------------------- main
 
+def resume(engine, args, out: Path, ckpt_dir: Path):
+    """``--resume``: load the latest checkpoint (``auto``: in ``ckpt_dir``, if any) and drop log lines of
+    the steps that will be redone. Returns the checkpoint's ``client_state`` (None: nothing resumed)."""
+    if not args.resume:
+        return None
+    load_from = ckpt_dir if args.resume == "auto" else Path(args.resume)
+    if not (load_from / "latest").exists():
+        if args.resume != "auto":
+            sys.exit(f"error: --resume: no checkpoint in {load_from}")
+        return None
+    from dece_ds.integrations.deepspeed import check_dece_client_state
+    path, client_state = engine.load_checkpoint(str(load_from))
+    if path is None:
+        sys.exit(f"error: --resume: could not load a checkpoint from {load_from}")
+    check_dece_client_state(engine, client_state)
+    log0(f"resumed from {path} at step {engine.global_steps}")
+    if is_main() and (out / "log.jsonl").exists():  # steps after the checkpoint are redone: drop them
+        kept = [line for line in (out / "log.jsonl").read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= engine.global_steps]
+        (out / "log.jsonl").write_text("".join(line + "\n" for line in kept))
+    return client_state or {}
+
+
 def main(argv=None):
     args = parse_args(argv)
     ds_config, dece = load_ds_config(args.deepspeed_config)  # a bad dece section stops here
@@ -276,20 +299,7 @@ def main(argv=None):
              "optimizer steps per epoch; alpha follows dece.steps_per_epoch")
 
     ckpt_dir = out / "checkpoints"
-    if args.resume:
-        load_from = ckpt_dir if args.resume == "auto" else Path(args.resume)
-        if (load_from / "latest").exists():
-            path, client_state = engine.load_checkpoint(str(load_from))
-            if path is None:
-                sys.exit(f"error: --resume: could not load a checkpoint from {load_from}")
-            check_dece_client_state(engine, client_state)
-            log0(f"resumed from {path} at step {engine.global_steps}")
-            if is_main() and (out / "log.jsonl").exists():  # steps after the checkpoint are redone: drop them
-                kept = [line for line in (out / "log.jsonl").read_text().splitlines()
-                        if line.strip() and json.loads(line)["step"] <= engine.global_steps]
-                (out / "log.jsonl").write_text("".join(line + "\n" for line in kept))
-        elif args.resume != "auto":
-            sys.exit(f"error: --resume: no checkpoint in {load_from}")
+    resume(engine, args, out, ckpt_dir)
 
     world = dist.get_world_size()
     bar = None
