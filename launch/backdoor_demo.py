@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dece_ds.backdoor.report import combined_table  # noqa: E402
 from dece_ds.backdoor.runner import ExperimentConfig, run_experiment  # noqa: E402
+from dece_ds.parallel.shutdown import finish_process  # noqa: E402
 
 
 def demo_config(args) -> ExperimentConfig:
@@ -80,4 +81,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish_process(main())  # destroys the process group; no interpreter teardown

@@ -38,6 +38,8 @@ import train as base  # noqa: E402  (launch/train.py: its helpers, not its loop)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from dece_ds.parallel.shutdown import finish_process  # noqa: E402
+
 log0 = base.log0
 
 
@@ -234,9 +236,4 @@ def main(argv=None):  # noqa: C901 - a launch script reads top to bottom
 
 if __name__ == "__main__":
     main()
-    # Everything is written and the process group is destroyed; skip interpreter teardown, where
-    # leftover native threads (gloo / DeepSpeed comm) occasionally hit std::terminate and turn a
-    # finished run into exit code 250.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish_process()  # no interpreter teardown: native comm threads can abort a finished run

@@ -63,3 +63,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    train.finish_process()  # train.main destroyed the process group; skip interpreter teardown

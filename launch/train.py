@@ -42,6 +42,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dece_ds.parallel.shutdown import finish_process
+
 TINY_MODELS = {
     "tiny-llama": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2),
@@ -369,9 +371,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-    # Everything is written and the process group is destroyed; skip interpreter teardown, where
-    # leftover native threads (gloo / DeepSpeed comm) occasionally hit std::terminate and turn a
-    # finished run into exit code 250.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish_process()  # no interpreter teardown: native comm threads can abort a finished run

@@ -120,8 +120,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
+    from ..parallel.shutdown import destroy_process_group
     from .runner import run_experiment
     results = run_experiment(cfg, args.out)
+    destroy_process_group()
     from .report import combined_table
     print(combined_table([results]))
     print(f"report: {Path(args.out) / cfg.stem()}.json / .md / .png")

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dece_ds.parallel.shutdown import finish_process
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -25,9 +27,8 @@ def _entry(rank: int, world_size: int, port: int, fn, args, errors):
         fn(rank, world_size, *args)
     except BaseException:
         errors.put((rank, traceback.format_exc()))
-        raise
-    finally:
-        dist.destroy_process_group()
+        finish_process(1)
+    finish_process(0)  # skips interpreter teardown, where gloo/DeepSpeed threads can abort a passing rank
 
 
 def run_distributed(fn, world_size: int, *args) -> None:
