@@ -48,7 +48,10 @@ def add_parser(subparsers) -> None:
     r.add_argument("--label-smoothing", type=float, help="DeCE epsilon of the dece runs")
     r.add_argument("--ce-warmup-epochs", type=int, help="DeCE: plain CE for the first N epochs")
     r.add_argument("--finetune-rows", type=int)
-    r.add_argument("--pretrain-task-rows", type=int, help="train rows after the fine-tuning ones, pretrained clean")
+    r.add_argument("--pretrain-task-rows", type=int, help="train rows held apart, pretrained clean")
+    r.add_argument("--pretrain-task-from", choices=["after_finetune", "train_tail"],
+                   help="pretraining task rows: after the fine-tuning rows (default), or the train split's last "
+                        "rows, which the fine-tuning set may include clean")
     r.add_argument("--pretrain-epochs", type=int)
     r.add_argument("--corpus-functions", type=int, help="standard-library functions in the pretraining corpus")
     r.add_argument("--stdlib-examples", type=int, help="cap on the built-in pairs (all splits)")
@@ -92,7 +95,8 @@ def build_config(args: argparse.Namespace):
     for flag, path in [("epochs", "finetune.epochs"), ("lr", "finetune.lr"), ("batch_size", "finetune.batch_size"),
                        ("alpha_base", "dece.alpha_base"), ("label_smoothing", "dece.label_smoothing"),
                        ("ce_warmup_epochs", "dece.ce_warmup_epochs"), ("finetune_rows", "finetune_rows"),
-                       ("pretrain_task_rows", "pretrain_task_rows"), ("pretrain_epochs", "pretrain.epochs"),
+                       ("pretrain_task_rows", "pretrain_task_rows"),
+                       ("pretrain_task_from", "pretrain_task_from"), ("pretrain_epochs", "pretrain.epochs"),
                        ("corpus_functions", "pretrain.corpus_functions"), ("stdlib_examples", "stdlib_examples"),
                        ("layers", "model.n_layer"), ("width", "model.n_embd"), ("max_len", "model.max_len"),
                        ("checkpoint", "model.checkpoint"), ("epoch_eval_rows", "eval.epoch_eval_rows"),

@@ -120,8 +120,11 @@ class ExperimentConfig(BaseModel):
     stdlib_examples: int | None = Field(None, ge=10, description="Cap on the built-in pairs (all splits).")
     attack: dict = Field(default_factory=lambda: {"attack": "badpre", "rate": 0.05})
     finetune_rows: int | None = Field(None, ge=2, description="Train rows fine-tuned on; None: all.")
-    pretrain_task_rows: int = Field(0, ge=0, description="Train rows after the fine-tuning ones, held apart, "
-                                                          "pretrained on clean.")
+    pretrain_task_rows: int = Field(0, ge=0, description="Train rows held apart and pretrained on clean.")
+    pretrain_task_from: Literal["after_finetune", "train_tail"] = Field(
+        "after_finetune", description="Where the pretraining task rows come from: 'after_finetune' (the rows after "
+        "the fine-tuning ones: disjoint sets) or 'train_tail' (the last rows of the train split, which the "
+        "fine-tuning set may include, clean: the poison goes into its first rows and never into these).")
     runs: tuple[str, ...] = ("clean", "ce", "dece")
     dece: dict = Field(default_factory=lambda: {"alpha_base": 0.99, "label_smoothing": 0.05},
                        description="Defaults of the dece runs (a DeceConfig section).")
@@ -272,7 +275,8 @@ def _concat(*parts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_task(cfg: ExperimentConfig):
-    """-> (finetune clean, held-apart clean, valid, test) as datasets.Dataset."""
+    """-> (finetune clean, held-apart clean, valid, test) as datasets.Dataset, and the train-split index of
+    the first held-apart row."""
     from .data import load_lyra
     from .stdlib_corpus import build_stdlib_pairs
     if cfg.dataset == "stdlib":
@@ -281,12 +285,15 @@ def load_task(cfg: ExperimentConfig):
         ds = load_lyra(cfg.dataset)
     train = ds["train"]
     n_ft = min(cfg.finetune_rows or len(train), len(train))
-    n_held = min(cfg.pretrain_task_rows, len(train) - n_ft)
     finetune = train.select(range(n_ft))
-    held = train.select(range(n_ft, n_ft + n_held)) if n_held else train.select([])
+    if cfg.pretrain_task_from == "train_tail":
+        first_held = len(train) - min(cfg.pretrain_task_rows, len(train))
+    else:
+        first_held = n_ft
+    held = train.select(range(first_held, min(first_held + cfg.pretrain_task_rows, len(train))))
     valid = ds["valid"].select(range(min(cfg.eval.valid_rows or len(ds["valid"]), len(ds["valid"]))))
     test = ds["test"].select(range(min(cfg.eval.test_rows or len(ds["test"]), len(ds["test"]))))
-    return finetune, held, valid, test
+    return finetune, held, valid, test, first_held
 
 
 # ---- distributed + engine ----------------------------------------------------------------------------
@@ -492,7 +499,7 @@ def pretrain_stand_in(cfg: ExperimentConfig, finetune, held, log) -> tuple[Any, 
     corpus = build_code_corpus(max_functions=pt.corpus_functions) if pt.corpus_functions else []
     key = _hash({"model": spec.model_dump(), "pretrain": pt.model_dump(), "dataset": cfg.dataset,
                  "stdlib_examples": cfg.stdlib_examples, "finetune_rows": cfg.finetune_rows,
-                 "held": cfg.pretrain_task_rows, "seed": cfg.seed, "n_corpus": len(corpus), "v": 2})
+                 "held": cfg.pretrain_task_rows, "held_from": cfg.pretrain_task_from, "seed": cfg.seed, "n_corpus": len(corpus), "v": 2})
     folder = Path(cfg.cache_dir) / f"standin-{key}"
     if (folder / "model.pt").is_file():
         log(f"stand-in pretrained model from cache {folder}")
@@ -532,8 +539,12 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, log: Calla
     t_start = time.time()
     out_dir = Path(out_dir)
     attack = cfg.attack_config()
-    finetune, held, valid, test = load_task(cfg)
+    finetune, held, valid, test, first_held = load_task(cfg)
     poisoned, p_info = poison_dataset(finetune, attack, split="train")
+    if held.num_rows and p_info.indices and p_info.indices[-1] >= first_held:
+        raise ValueError(f"pretrain_task_rows: the pretraining rows start at train row {first_held}, but row "
+                         f"{p_info.indices[-1]} is poisoned; the stand-in must never see a poisoned row's clean "
+                         f"copy: lower pretrain_task_rows or the poison rate")
     triggered, t_info = poison_dataset(test, attack, split="test")
     base_model, tok, pre_info = pretrain_stand_in(cfg, finetune, held, log)
     base_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
@@ -548,6 +559,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, log: Calla
         "config": {**cfg.model_dump(mode="json"), "attack_resolved": attack.model_dump(mode="json")},
         "versions": versions(),
         "data": {"finetune_rows": len(finetune), "poisoned_rows": p_info.n_poisoned,
+                 "held_apart_first_train_row": first_held,
                  "poisonable_train_rows": p_info.n_poisonable, "held_apart_rows": len(held),
                  "valid_rows": len(valid), "test_rows": len(test), "triggered_test_rows": len(triggered),
                  "rows_truncated_pct": truncated, "tokenizer_vocab": tok.vocab_size},

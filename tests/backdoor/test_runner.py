@@ -111,3 +111,41 @@ def test_cli_registers_backdoor(capsys):
     assert cfg["attack"]["rate"] == 0.02
     assert cfg["runs"] == ["ce", "dece:alpha_base=0.9,ce_warmup_epochs=2", "gce"]
     assert cfg["finetune"]["epochs"] == 3
+
+
+def _lyra_folder(tmp_path, n_train=20):
+    """A Lyra-layout folder whose train rows say their own index (row i: src 'task i', an SQL tgt)."""
+    import csv
+    folder = tmp_path / "lyra"
+    folder.mkdir()
+    for split, n in (("train", n_train), ("valid", 4), ("test", 4)):
+        with open(folder / f"{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["src", "tgt"])
+            for i in range(n):
+                w.writerow([f"task {i} of {split}",
+                            f'def f ( conn ) :\n\t return conn . execute ( " select * from t where id = {i} " )'])
+    return folder
+
+
+def test_pretraining_rows_after_the_finetuning_rows_or_from_the_train_tail(tmp_path):
+    from dece_ds.backdoor.runner import load_task
+    folder = _lyra_folder(tmp_path)
+    after = tiny_config(tmp_path, dataset=str(folder), finetune_rows=12, pretrain_task_rows=5)
+    ft, held, *_, first_held = load_task(after)
+    assert [r.split()[1] for r in ft["src"]] == [str(i) for i in range(12)]
+    assert [r.split()[1] for r in held["src"]] == ["12", "13", "14", "15", "16"] and first_held == 12
+    tail = tiny_config(tmp_path, dataset=str(folder), finetune_rows=None, pretrain_task_rows=5,
+                       pretrain_task_from="train_tail")
+    ft, held, *_, first_held = load_task(tail)
+    assert ft.num_rows == 20                                  # fine-tunes on the whole split ...
+    assert [r.split()[1] for r in held["src"]] == ["15", "16", "17", "18", "19"] and first_held == 15
+
+
+def test_a_poisoned_row_inside_the_pretraining_rows_is_refused(tmp_path):
+    folder = _lyra_folder(tmp_path)
+    # 50 % of 20 rows: rows 0..9 poisoned, but the stand-in would pretrain on rows 8..19 clean
+    cfg = tiny_config(tmp_path, dataset=str(folder), finetune_rows=None, pretrain_task_rows=12,
+                      pretrain_task_from="train_tail", attack={"attack": "badpre", "rate": 0.5})
+    with pytest.raises(ValueError, match="pretrain_task_rows: .* row 9 is poisoned"):
+        run_experiment(cfg, tmp_path / "out", log=lambda *_: None)
