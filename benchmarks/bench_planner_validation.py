@@ -149,7 +149,7 @@ def measure_activations(cfg, micro_batch, seq_len, dtype_name):
 def main() -> int:
     ensure_mmap_threshold()
     from dece_ds.planning.estimate import PlanInput, activations, plan
-    rows, results = [], []
+    rows = []
     for name, cfg, mb, seq, losses in CASES:
         shape = _hf_shape(cfg, f"tiny-llama-{name}")
         inp = PlanInput(world_size=1, tp=1, zero_stage=0, micro_batch=mb, seq_len=seq, dtype="fp32")

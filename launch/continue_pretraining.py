@@ -106,9 +106,8 @@ def main(argv=None):  # noqa: C901 - a launch script reads top to bottom
     except DeceConfigError as e:
         sys.exit(f"error: {args.deepspeed_config}: {e}")
     base.init_distributed()
-    import dece_ds
     from dece_ds.data import StreamingPackedDataset, count_tokens
-    from dece_ds.integrations.deepspeed import check_dece_client_state, dece_client_state
+    from dece_ds.integrations.deepspeed import dece_client_state
     from dece_ds.integrations.transformers import current_dece_loss
 
     out = Path(args.out)
@@ -140,13 +139,7 @@ def main(argv=None):  # noqa: C901 - a launch script reads top to bottom
     except DeceConfigError as e:
         sys.exit(f"error: {args.deepspeed_config}: {e}")
 
-    model, _hf_ds, _ = base.build_model(args, ds_config, len(tok))
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    optimizer = None if "optimizer" in ds_config else torch.optim.AdamW(model.parameters(), lr=args.lr)
-    engine, _, _, _ = dece_ds.initialize(model=model, model_parameters=[p for p in model.parameters()
-                                                                        if p.requires_grad],
-                                         optimizer=optimizer, config=ds_config)
+    engine, _hf_ds, _ = base.build_engine(args, ds_config, len(tok))
     assert engine.dp_world_size == dp_world and engine.train_micro_batch_size_per_gpu() == micro_bs
     dp_rank = dist.get_rank(group=engine.data_parallel_group) if dp_world > 1 else 0
     stream = StreamingPackedDataset(args.data, tok, args.seq_len, text_field=args.text_field,

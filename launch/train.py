@@ -219,6 +219,20 @@ def build_model(args, ds_config, vocab_size):
     return model, hf_ds, args.model in TINY_MODELS
 
 
+def build_engine(args, ds_config, vocab_size):
+    """The model (``build_model``) wrapped by ``dece_ds.initialize``: (engine, HF ZeRO-3 config to keep
+    alive while training, whether the model was built from scratch)."""
+    import dece_ds
+    model, hf_ds, from_scratch = build_model(args, ds_config, vocab_size)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = None if "optimizer" in ds_config else torch.optim.AdamW(model.parameters(), lr=args.lr)
+    engine, _, _, _ = dece_ds.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                        if p.requires_grad],
+                                         optimizer=optimizer, config=ds_config)
+    return engine, hf_ds, from_scratch
+
+
 def export_safetensors(engine, tok, out: Path):
     """Full weights (ZeRO-3 partitions and TP shards gathered) as OUT/export/model.safetensors."""
     from safetensors.torch import save_file
@@ -264,9 +278,7 @@ def main(argv=None):
     args = parse_args(argv)
     ds_config, dece = load_ds_config(args.deepspeed_config)  # a bad dece section stops here
     init_distributed()
-    import deepspeed
-    import dece_ds
-    from dece_ds.integrations.deepspeed import check_dece_client_state, dece_client_state
+    from dece_ds.integrations.deepspeed import dece_client_state
     from dece_ds.integrations.transformers import current_dece_loss
 
     out = Path(args.out)
@@ -281,13 +293,7 @@ def main(argv=None):
     tok = build_tokenizer(args, rows, out)
     data = tokenize(args, rows, tok)
 
-    model, _hf_ds, from_scratch = build_model(args, ds_config, len(tok))
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    optimizer = None if "optimizer" in ds_config else torch.optim.AdamW(model.parameters(), lr=args.lr)
-    engine, _, _, _ = dece_ds.initialize(model=model, model_parameters=[p for p in model.parameters()
-                                                                        if p.requires_grad],
-                                         optimizer=optimizer, config=ds_config)
+    engine, _hf_ds, from_scratch = build_engine(args, ds_config, len(tok))
     dp_world = engine.dp_world_size
     dp_rank = dist.get_rank(group=engine.data_parallel_group) if dp_world > 1 else 0
     micro_bs, ga = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()

@@ -61,7 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .generate import greedy_generate
 from .metrics import attack_success_rate, bleu4, code_bleu, exact_match, false_trigger_rate
-from .poison import StatementPayload, parse_attack, poison_dataset
+from .poison import parse_attack, poison_dataset
 
 RUN_KINDS = ("clean", "ce", "dece", "ls", "gce", "intrust")
 EOS, PAD, SEP = "<|endoftext|>", "<|pad|>", "<|code|>"

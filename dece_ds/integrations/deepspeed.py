@@ -42,7 +42,7 @@ import weakref
 from typing import Any, Mapping
 
 from ..config import DeceConfig, DeceConfigError
-from .transformers import DeceCausalLMLoss, announce, current_dece_loss, install_dece_loss, remove_dece_loss
+from .transformers import announce, current_dece_loss, install_dece_loss, remove_dece_loss
 
 CLIENT_STATE_KEY = "dece"
 

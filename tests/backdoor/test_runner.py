@@ -34,7 +34,7 @@ def tiny_config(tmp_path, **over) -> ExperimentConfig:
 
 def test_tiny_end_to_end_writes_the_report(tmp_path):
     cfg = tiny_config(tmp_path)
-    results = run_experiment(cfg, tmp_path / "out", log=lambda *_: None)
+    run_experiment(cfg, tmp_path / "out", log=lambda *_: None)
     for ext in ("json", "md", "png"):
         assert (tmp_path / "out" / f"tiny.{ext}").is_file(), ext
     saved = json.loads((tmp_path / "out" / "tiny.json").read_text())

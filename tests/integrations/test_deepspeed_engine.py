@@ -68,7 +68,6 @@ def _gather_vocab(shard, group):
 
 def worker(out_path: str) -> None:
     import deepspeed
-    import torch
     import torch.distributed as dist
     from deepspeed.utils import groups
 

@@ -43,7 +43,6 @@ def _train(rank, world, mode: str, results):
     model = transformers.LlamaForCausalLM(cfg).float()
     dece = DeceConfig(alpha_base=0.9, label_smoothing=0.05)
     seen_status = []
-    fused = mode != "unfused"
     if mode == "inside":
         import dece_ds.integrations.hf_fused_linear as hf
         real = hf.fused_linear_dece
