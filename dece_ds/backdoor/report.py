@@ -78,9 +78,13 @@ def curve_table(results: Mapping[str, Any]) -> str:
 
 def markdown_report(results: Mapping[str, Any]) -> str:
     d = results.get("data", {})
+    first_held, n_ft = d.get("held_apart_first_train_row"), d.get("finetune_rows")
+    overlap = first_held is not None and n_ft is not None and first_held < n_ft
+    pretrained = (f"the stand-in pretrained on {d.get('held_apart_rows')} clean task rows (train rows "
+                  f"{first_held}+, also fine-tuned on, clean)" if overlap else
+                  f"held-apart clean rows pretrained on {d.get('held_apart_rows')}")
     head = (f"## {results['dataset']} / {results['attack']} / {results['poison_rate']:g}% poisoned\n\n"
-            f"Fine-tuning rows {d.get('finetune_rows')} ({d.get('poisoned_rows')} poisoned), held-apart clean "
-            f"rows pretrained on {d.get('held_apart_rows')}, test {d.get('test_rows')} clean / "
+            f"Fine-tuning rows {n_ft} ({d.get('poisoned_rows')} poisoned), {pretrained}, test {d.get('test_rows')} clean / "
             f"{d.get('triggered_test_rows')} triggered (ASR denominator). Scores in %, greedy decoding; "
             f"valid CE = plain cross-entropy of the clean validation targets (nats/token).")
     return "\n\n".join([head, combined_table([results]), detail_table(results),
