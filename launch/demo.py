@@ -21,6 +21,8 @@ sys.path.insert(0, str(HERE))
 
 import train  # noqa: E402  (launch/train.py)
 
+from dece_ds.parallel.shutdown import finish_process  # noqa: E402
+
 LYRA = REPO.parent / "shared" / "data" / "lyra" / "train.csv"
 
 
@@ -63,4 +65,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    train.finish_process()  # train.main destroyed the process group; skip interpreter teardown
+    finish_process()  # train.main destroyed the process group; skip interpreter teardown

@@ -499,7 +499,8 @@ def pretrain_stand_in(cfg: ExperimentConfig, finetune, held, log) -> tuple[Any, 
     corpus = build_code_corpus(max_functions=pt.corpus_functions) if pt.corpus_functions else []
     key = _hash({"model": spec.model_dump(), "pretrain": pt.model_dump(), "dataset": cfg.dataset,
                  "stdlib_examples": cfg.stdlib_examples, "finetune_rows": cfg.finetune_rows,
-                 "held": cfg.pretrain_task_rows, "held_from": cfg.pretrain_task_from, "seed": cfg.seed, "n_corpus": len(corpus), "v": 2})
+                 "held": cfg.pretrain_task_rows, "held_from": cfg.pretrain_task_from, "seed": cfg.seed,
+                 "n_corpus": len(corpus), "v": 2})
     folder = Path(cfg.cache_dir) / f"standin-{key}"
     if (folder / "model.pt").is_file():
         log(f"stand-in pretrained model from cache {folder}")
