@@ -28,7 +28,8 @@ class DeceConfig(BaseModel):
     """Settings of the DeCE loss and its alpha schedule.
 
     ``alpha = alpha_base ** e`` with ``e`` the epoch counted from 1 (``schedule="epoch"``), or
-    ``e = 1 + step / steps_per_epoch`` (``"continuous"``), or ``alpha = alpha_base`` (``"constant"``).
+    ``e = 1 + step / steps_per_epoch`` (``"continuous"``), or ``alpha = alpha_base`` (``"constant"``);
+    never below ``alpha_min``.
     """
 
     # strict: JSON true is not 1.0 and "yes" is not a bool (ints still pass as floats)
@@ -56,12 +57,18 @@ class DeceConfig(BaseModel):
         False, description="Compute the loss from hidden states and the lm_head weight, never the full logits.")
     ce_warmup_epochs: int = Field(
         0, ge=0, description="Plain label-smoothed CE (alpha = 1) for the first N epochs, then DeCE.")
+    alpha_min: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Floor on alpha: alpha = max(alpha_min, alpha_base ** e). 0 (default): the paper's schedule. "
+                    "Stops the decay once the backdoor's gradient is small enough, sparing clean fitting.")
 
     @model_validator(mode="after")
     def _schedule_needs_steps(self) -> "DeceConfig":
         if self.schedule == "continuous" and self.steps_per_epoch is None:
             raise ValueError(
                 "steps_per_epoch: required when schedule='continuous' (e = 1 + step / steps_per_epoch), got None")
+        if self.alpha_min > self.alpha_base:
+            raise ValueError(f"alpha_min: must be <= alpha_base ({self.alpha_base}), got {self.alpha_min}")
         return self
 
     @classmethod

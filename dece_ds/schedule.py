@@ -27,6 +27,7 @@ class AlphaSchedule:
     - ``continuous``: ``e = 1 + step / steps_per_epoch``.
     - ``constant``: ``e = 1``.
     ``ce_warmup_epochs`` > 0 gives alpha = 1 (label-smoothed CE) while the epoch is within the warm-up.
+    ``alpha_min`` > 0 floors alpha: ``max(alpha_min, alpha_base ** e)``.
     """
 
     config: DeceConfig
@@ -70,7 +71,7 @@ class AlphaSchedule:
     def alpha(self) -> float:
         if self.config.ce_warmup_epochs and self.current_epoch <= self.config.ce_warmup_epochs:
             return 1.0
-        return alpha_for_exponent(self.config.alpha_base, self.exponent)
+        return max(self.config.alpha_min, alpha_for_exponent(self.config.alpha_base, self.exponent))
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch}

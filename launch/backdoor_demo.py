@@ -39,18 +39,21 @@ def demo_config(args) -> ExperimentConfig:
         "attack": {"attack": "badpre", "rate": args.rate / 100.0, "trigger": "bb",
                    "payload": {"kind": "statement", "code": '__import__("os").system("id")'}},
         "runs": args.runs.split(","),
-        "finetune_rows": 400,
+        "finetune_rows": args.finetune_rows,
         "pretrain_task_rows": 800,
         "dece": {"alpha_base": args.alpha_base, "label_smoothing": 0.05},
         "model": {"n_layer": 4, "n_embd": 256, "n_head": 4, "vocab_size": 4096, "max_len": 128,
                   "max_src_tokens": 48},
         "pretrain": {"corpus_functions": 200, "epochs": 3, "lr": 1e-3, "batch_size": 16},
-        "finetune": {"epochs": args.epochs, "lr": 5e-4, "batch_size": 16},
+        "finetune": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size},
+        "finetune_dropout": args.finetune_dropout,
         "eval": {"max_new_tokens": 64, "epoch_eval_rows": 40, "test_rows": 150},
         "threads": args.threads,
         "seed": 0,
         "cache_dir": args.cache_dir,
     }
+    if args.name:
+        cfg["name"] = args.name
     if args.quick:
         cfg.update(finetune_rows=40, pretrain_task_rows=40, stdlib_examples=200, name="stdlib-badpre-quick")
         cfg["model"].update(n_layer=1, n_embd=64, vocab_size=1024, max_len=96, max_src_tokens=32)
@@ -67,6 +70,11 @@ def main(argv=None) -> int:
     p.add_argument("--rate", type=float, default=10.0, help="poison rate in percent")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--alpha-base", type=float, default=0.99)
+    p.add_argument("--finetune-rows", type=int, default=400, help="train pairs fine-tuned on (rate%% poisoned)")
+    p.add_argument("--lr", type=float, default=5e-4, help="fine-tuning learning rate")
+    p.add_argument("--batch-size", type=int, default=16, help="fine-tuning batch size")
+    p.add_argument("--finetune-dropout", type=float, default=None, help="dropout while fine-tuning")
+    p.add_argument("--name", default=None, help="report file stem (default stdlib-badpre-<rate>)")
     p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     p.add_argument("--cache-dir", default="runs/backdoor/cache")
     p.add_argument("--quick", action="store_true", help="tiny model and data: a smoke test of the pipeline")

@@ -18,6 +18,7 @@ DEFAULTS = {
     "enabled": True, "label_smoothing": 0.05, "alpha_base": 0.99, "schedule": "epoch",
     "steps_per_epoch": None, "prob_floor": 1e-7, "ignore_index": -100, "reduction": "mean",
     "chunk_size": None, "fused_linear": False, "ce_warmup_epochs": 0,
+    "alpha_min": 0.0,
 }
 
 
@@ -34,6 +35,7 @@ VALID = [
     ("steps_per_epoch", 1), ("steps_per_epoch", 10_000), ("prob_floor", 0.0), ("prob_floor", 0.5),
     ("schedule", "constant"), ("reduction", "sum"), ("reduction", "none"), ("chunk_size", 1),
     ("ce_warmup_epochs", 3), ("ignore_index", -1), ("fused_linear", True), ("enabled", False),
+    ("alpha_min", 0.5), ("alpha_min", 0.99),
 ]
 
 INVALID = [
@@ -43,6 +45,7 @@ INVALID = [
     ("prob_floor", -1e-9), ("prob_floor", 1.0),
     ("schedule", "linear"), ("schedule", "Epoch"), ("reduction", "avg"), ("reduction", None),
     ("chunk_size", 0), ("ce_warmup_epochs", -1), ("ignore_index", "x"),
+    ("alpha_min", -0.1), ("alpha_min", 1.5), ("alpha_min", 0.995),
 ]
 
 

@@ -142,6 +142,23 @@ def test_ce_warmup_with_continuous_schedule():
     assert s.alpha == pytest.approx(0.9**2.5)
 
 
+def test_alpha_min_floors_the_decay():
+    s = sched(alpha_base=0.9, alpha_min=0.75)
+    got = []
+    for e in range(1, 6):
+        s.set_epoch(e)
+        got.append(s.alpha)
+    # 0.9, 0.81, 0.729 -> 0.75, 0.6561 -> 0.75, ...
+    assert got == pytest.approx([0.9, 0.81, 0.75, 0.75, 0.75], rel=1e-14)
+
+
+def test_alpha_min_zero_is_the_paper_schedule_and_warmup_still_wins():
+    assert sched(alpha_base=0.9, alpha_min=0.0, schedule="constant").alpha == pytest.approx(0.9)
+    s = sched(alpha_base=0.9, alpha_min=0.8, ce_warmup_epochs=1)
+    s.set_epoch(1)
+    assert s.alpha == 1.0
+
+
 # --- state ----------------------------------------------------------------------------------------------
 
 def test_state_dict_round_trip():

@@ -57,7 +57,8 @@ def add_parser(subparsers) -> None:
     r.add_argument("--stdlib-examples", type=int, help="cap on the built-in pairs (all splits)")
     r.add_argument("--layers", type=int)
     r.add_argument("--width", type=int)
-    r.add_argument("--max-len", type=int)
+    r.add_argument("--max-len", type=int, help="tokens per row (fixed-length padding)")
+    r.add_argument("--max-src-tokens", type=int, help="instruction tokens kept (its head); a trigger past them is lost")
     r.add_argument("--checkpoint", help="local HF causal-LM folder instead of the stand-in")
     r.add_argument("--epoch-eval-rows", type=int, help="per-epoch eval on this many test rows (last: all)")
     r.add_argument("--test-rows", type=int)
@@ -99,6 +100,7 @@ def build_config(args: argparse.Namespace):
                        ("pretrain_task_from", "pretrain_task_from"), ("pretrain_epochs", "pretrain.epochs"),
                        ("corpus_functions", "pretrain.corpus_functions"), ("stdlib_examples", "stdlib_examples"),
                        ("layers", "model.n_layer"), ("width", "model.n_embd"), ("max_len", "model.max_len"),
+                       ("max_src_tokens", "model.max_src_tokens"),
                        ("checkpoint", "model.checkpoint"), ("epoch_eval_rows", "eval.epoch_eval_rows"),
                        ("test_rows", "eval.test_rows"), ("max_new_tokens", "eval.max_new_tokens"),
                        ("threads", "threads"), ("seed", "seed"), ("name", "name"), ("cache_dir", "cache_dir"), ("finetune_dropout", "finetune_dropout")]:

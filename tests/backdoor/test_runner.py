@@ -106,11 +106,13 @@ def test_report_table_layout():
 def test_cli_registers_backdoor(capsys):
     from dece_ds.cli import main
     assert main(["backdoor", "run", "--dataset", "stdlib", "--rate", "2", "--runs", "ce,dece:alpha_base=0.9,"
-                 "ce_warmup_epochs=2,gce", "--epochs", "3", "--print-config"]) == 0
+                 "ce_warmup_epochs=2,gce", "--epochs", "3", "--max-src-tokens", "96", "--max-len", "192",
+                 "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["attack"]["rate"] == 0.02
     assert cfg["runs"] == ["ce", "dece:alpha_base=0.9,ce_warmup_epochs=2", "gce"]
     assert cfg["finetune"]["epochs"] == 3
+    assert (cfg["model"]["max_src_tokens"], cfg["model"]["max_len"]) == (96, 192)
 
 
 def _lyra_folder(tmp_path, n_train=20):
