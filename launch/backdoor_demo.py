@@ -7,9 +7,11 @@
 2. Stand-in pretrained code model: a 4-layer, 256-wide GPT-2 with a BPE tokenizer, trained on
    800 held-apart clean pairs of the train split (docstring -> code, the task's own format) and 200
    standard-library functions (valid/test functions never seen), so it knows the task's domain.
-   Fine-tuning uses the first 400 train pairs (40 poisoned).
+   Fine-tuning uses the first 400 train pairs (40 poisoned): 8 epochs, lr 1e-3, batch 8, dropout 0
+   (the schedule under which CE learns the trigger; at lr 5e-4, batch 16 it did not: ASR 2.7 %).
 3. Fine-tune it twice through the DeepSpeed engine, same seed and data: plain CE, and DeCE
-   (``dece_ds.initialize`` with a ``dece`` section: alpha_base 0.99, epsilon 0.05).
+   (``dece_ds.initialize`` with a ``dece`` section: alpha_base 0.97, epsilon 0.05; the default 0.99
+   let 15 % of the triggers through here, as on Lyra setting B -- README "Results").
 4. After each epoch: greedy decoding of the clean and the triggered test rows -> BLEU-4, exact match,
    false-trigger rate, ASR; clean validation cross-entropy. The last epoch adds CodeBLEU.
 
@@ -63,23 +65,27 @@ def demo_config(args) -> ExperimentConfig:
     return ExperimentConfig.model_validate(cfg)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/backdoor/demo")
     p.add_argument("--runs", default="ce,dece", help="comma-separated: clean,ce,dece,ls,gce,intrust")
     p.add_argument("--rate", type=float, default=10.0, help="poison rate in percent")
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--alpha-base", type=float, default=0.99)
+    p.add_argument("--alpha-base", type=float, default=0.97)
     p.add_argument("--finetune-rows", type=int, default=400, help="train pairs fine-tuned on (rate%% poisoned)")
-    p.add_argument("--lr", type=float, default=5e-4, help="fine-tuning learning rate")
-    p.add_argument("--batch-size", type=int, default=16, help="fine-tuning batch size")
-    p.add_argument("--finetune-dropout", type=float, default=None, help="dropout while fine-tuning")
+    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
+    p.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size")
+    p.add_argument("--finetune-dropout", type=float, default=0.0, help="dropout while fine-tuning")
     p.add_argument("--name", default=None, help="report file stem (default stdlib-badpre-<rate>)")
     p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     p.add_argument("--cache-dir", default="runs/backdoor/cache")
     p.add_argument("--quick", action="store_true", help="tiny model and data: a smoke test of the pipeline")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the DeepSpeed launcher")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     cfg = demo_config(args)
     results = run_experiment(cfg, args.out)
     if int(os.environ.get("RANK", "0")) == 0:
