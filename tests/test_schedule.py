@@ -117,11 +117,7 @@ def test_alpha_base_one_is_always_one():
 # --- CE warm-up -----------------------------------------------------------------------------------------
 
 def test_ce_warmup_epochs_via_set_epoch():
-    s = sched(alpha_base=0.9, ce_warmup_epochs=2)
-    got = []
-    for e in range(1, 6):
-        s.set_epoch(e)
-        got.append(s.alpha)
+    got = alphas_by_epoch(sched(alpha_base=0.9, ce_warmup_epochs=2), 5)
     assert got[:2] == [1.0, 1.0]
     assert got[2:] == pytest.approx([0.9**3, 0.9**4, 0.9**5], rel=1e-14)
 
@@ -142,12 +138,16 @@ def test_ce_warmup_with_continuous_schedule():
     assert s.alpha == pytest.approx(0.9**2.5)
 
 
-def test_alpha_min_floors_the_decay():
-    s = sched(alpha_base=0.9, alpha_min=0.75)
+def alphas_by_epoch(s: AlphaSchedule, n: int) -> list[float]:
     got = []
-    for e in range(1, 6):
+    for e in range(1, n + 1):
         s.set_epoch(e)
         got.append(s.alpha)
+    return got
+
+
+def test_alpha_min_floors_the_decay():
+    got = alphas_by_epoch(sched(alpha_base=0.9, alpha_min=0.75), 5)
     # 0.9, 0.81, 0.729 -> 0.75, 0.6561 -> 0.75, ...
     assert got == pytest.approx([0.9, 0.81, 0.75, 0.75, 0.75], rel=1e-14)
 
