@@ -60,7 +60,7 @@ class DeceConfig(BaseModel):
     alpha_min: float = Field(
         0.0, ge=0.0, le=1.0,
         description="Floor on alpha: alpha = max(alpha_min, alpha_base ** e). 0 (default): the paper's schedule. "
-                    "Stops the decay once the backdoor's gradient is small enough, sparing clean fitting.")
+                    "Keeps the late epochs' alpha from decaying further.")
 
     @model_validator(mode="after")
     def _schedule_needs_steps(self) -> "DeceConfig":

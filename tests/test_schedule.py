@@ -153,7 +153,8 @@ def test_alpha_min_floors_the_decay():
 
 
 def test_alpha_min_zero_is_the_paper_schedule_and_warmup_still_wins():
-    assert sched(alpha_base=0.9, alpha_min=0.0, schedule="constant").alpha == pytest.approx(0.9)
+    assert alphas_by_epoch(sched(alpha_base=0.9, alpha_min=0.0), 5) == pytest.approx(
+        [0.9, 0.81, 0.729, 0.6561, 0.59049], rel=1e-14)
     s = sched(alpha_base=0.9, alpha_min=0.8, ce_warmup_epochs=1)
     s.set_epoch(1)
     assert s.alpha == 1.0
