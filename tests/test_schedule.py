@@ -16,6 +16,15 @@ def sched(**kw) -> AlphaSchedule:
     return AlphaSchedule(DeceConfig(**kw))
 
 
+def alphas_by_epoch(s: AlphaSchedule, n: int) -> list[float]:
+    """alpha at epochs 1..n, set explicitly."""
+    got = []
+    for e in range(1, n + 1):
+        s.set_epoch(e)
+        got.append(s.alpha)
+    return got
+
+
 # --- epoch schedule -----------------------------------------------------------------------------------
 
 def test_epoch_schedule_starts_at_epoch_one():
@@ -136,14 +145,6 @@ def test_ce_warmup_with_continuous_schedule():
     assert s.alpha == 1.0
     s.set_step(15)
     assert s.alpha == pytest.approx(0.9**2.5)
-
-
-def alphas_by_epoch(s: AlphaSchedule, n: int) -> list[float]:
-    got = []
-    for e in range(1, n + 1):
-        s.set_epoch(e)
-        got.append(s.alpha)
-    return got
 
 
 def test_alpha_min_floors_the_decay():
