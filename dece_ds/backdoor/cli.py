@@ -44,6 +44,8 @@ def add_parser(subparsers) -> None:
     r.add_argument("--epochs", type=int, help="fine-tuning epochs")
     r.add_argument("--lr", type=float, help="fine-tuning learning rate")
     r.add_argument("--batch-size", type=int)
+    r.add_argument("--lr-schedule", choices=["decay", "constant"],
+                   help="after the 10 %% warm-up: linear decay to 0 (default) or a constant lr")
     r.add_argument("--alpha-base", type=float, help="DeCE alpha_base of the dece runs")
     r.add_argument("--label-smoothing", type=float, help="DeCE epsilon of the dece runs")
     r.add_argument("--ce-warmup-epochs", type=int, help="DeCE: plain CE for the first N epochs")
@@ -94,6 +96,7 @@ def build_config(args: argparse.Namespace):
         base["attack"] = attack
     set_("runs", args.runs)
     for flag, path in [("epochs", "finetune.epochs"), ("lr", "finetune.lr"), ("batch_size", "finetune.batch_size"),
+                       ("lr_schedule", "finetune.lr_schedule"),
                        ("alpha_base", "dece.alpha_base"), ("label_smoothing", "dece.label_smoothing"),
                        ("ce_warmup_epochs", "dece.ce_warmup_epochs"), ("finetune_rows", "finetune_rows"),
                        ("pretrain_task_rows", "pretrain_task_rows"),

@@ -86,7 +86,7 @@ class ModelSpec(BaseModel):
 
 
 class StageSpec(BaseModel):
-    """One training stage through the DeepSpeed engine (AdamW, linear warm-up then linear decay)."""
+    """One training stage through the DeepSpeed engine (AdamW, linear warm-up, then linear decay to 0 or constant)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     epochs: int = Field(10, ge=1)
@@ -94,6 +94,9 @@ class StageSpec(BaseModel):
     batch_size: int = Field(16, ge=1)
     warmup_frac: float = Field(0.1, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    lr_schedule: Literal["decay", "constant"] = Field(
+        "decay", description="After the warm-up: 'decay' (linear to 0 at the last step, DeepSpeed WarmupDecayLR) "
+        "or 'constant' (lr held, DeepSpeed WarmupLR).")
 
 
 class PretrainSpec(StageSpec):
@@ -326,14 +329,19 @@ def ds_config(stage: StageSpec, total_steps: int, dece: Mapping[str, Any] | None
         "zero_optimization": {"stage": 0},
         "optimizer": {"type": "AdamW", "params": {"lr": stage.lr, "betas": [0.9, 0.999], "eps": 1e-8,
                                                   "weight_decay": stage.weight_decay, "torch_adam": True}},
-        "scheduler": {"type": "WarmupDecayLR", "params": {
-            "warmup_min_lr": 0.0, "warmup_max_lr": stage.lr, "warmup_type": "linear",
-            "warmup_num_steps": max(1, int(stage.warmup_frac * total_steps)),
-            "total_num_steps": max(2, total_steps)}},
+        "scheduler": _scheduler(stage, total_steps),
     }
     if dece is not None:
         cfg["dece"] = dict(dece)
     return cfg
+
+
+def _scheduler(stage: StageSpec, total_steps: int) -> dict:
+    params = {"warmup_min_lr": 0.0, "warmup_max_lr": stage.lr, "warmup_type": "linear",
+              "warmup_num_steps": max(1, int(stage.warmup_frac * total_steps))}
+    if stage.lr_schedule == "constant":
+        return {"type": "WarmupLR", "params": params}
+    return {"type": "WarmupDecayLR", "params": {**params, "total_num_steps": max(2, total_steps)}}
 
 
 def make_engine(model, stage: StageSpec, total_steps: int, dece: Mapping[str, Any] | None = None):
@@ -497,7 +505,9 @@ def pretrain_stand_in(cfg: ExperimentConfig, finetune, held, log) -> tuple[Any, 
     if spec.checkpoint:
         return build_model(spec, 0, cfg.seed), checkpoint_tokenizer(spec.checkpoint), {"checkpoint": spec.checkpoint}
     corpus = build_code_corpus(max_functions=pt.corpus_functions) if pt.corpus_functions else []
-    key = _hash({"model": spec.model_dump(), "pretrain": pt.model_dump(), "dataset": cfg.dataset,
+    # lr_schedule joined the key only when not the default, so stand-ins cached before it existed stay valid.
+    pt_key = pt.model_dump(exclude={"lr_schedule"} if pt.lr_schedule == "decay" else None)
+    key = _hash({"model": spec.model_dump(), "pretrain": pt_key, "dataset": cfg.dataset,
                  "stdlib_examples": cfg.stdlib_examples, "finetune_rows": cfg.finetune_rows,
                  "held": cfg.pretrain_task_rows, "held_from": cfg.pretrain_task_from, "seed": cfg.seed,
                  "n_corpus": len(corpus), "v": 2})

@@ -151,3 +151,25 @@ def test_a_poisoned_row_inside_the_pretraining_rows_is_refused(tmp_path):
                       pretrain_task_from="train_tail", attack={"attack": "badpre", "rate": 0.5})
     with pytest.raises(ValueError, match="pretrain_task_rows: .* row 9 is poisoned"):
         run_experiment(cfg, tmp_path / "out", log=lambda *_: None)
+
+
+@pytest.mark.parametrize("schedule", ["decay", "constant"])
+def test_finetune_lr_schedule_after_the_warm_up(schedule):
+    """lr per step through the real engine: linear warm-up over 10 % of the steps, then linear decay to 0
+    at the last step ('decay') or held at lr ('constant')."""
+    from dece_ds.backdoor.runner import StageSpec, make_engine
+    stage = StageSpec(lr=1e-2, batch_size=2, warmup_frac=0.1, lr_schedule=schedule)
+    total, warm = 40, 4
+    engine = make_engine(torch.nn.Linear(3, 1), stage, total_steps=total)
+    seen = []
+    for _ in range(total):
+        loss = engine(torch.ones(2, 3)).sum()
+        engine.backward(loss)
+        engine.step()
+        seen.append(engine.get_lr()[0])
+    assert seen[warm] == pytest.approx(1e-2)
+    if schedule == "constant":
+        assert seen[-1] == pytest.approx(1e-2)
+    else:
+        assert seen[warm + (total - warm) // 2] == pytest.approx(1e-2 * 0.5, rel=0.1)
+        assert seen[-1] == pytest.approx(1e-2 / (total - warm))  # one step before 0
