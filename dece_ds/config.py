@@ -19,6 +19,16 @@ DS_SECTION = "dece"
 Schedule = Literal["epoch", "continuous", "constant"]
 Reduction = Literal["mean", "sum", "none"]
 
+# Named settings: a preset fills the fields its section does not set; fields set explicitly win.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The released code's defaults (arXiv 2407.08956).
+    "paper": {"alpha_base": 0.99, "label_smoothing": 0.05, "prob_floor": 1e-7, "schedule": "epoch"},
+    # What held every measured backdoor at 0 % ASR at the smallest clean-quality cost
+    # (README, "Backdoor evaluation": Lyra settings B-D, BadPre and RIPPLe).
+    "backdoor_guard": {"alpha_base": 0.97, "label_smoothing": 0.05, "prob_floor": 1e-7, "schedule": "epoch"},
+}
+Preset = Literal["paper", "backdoor_guard"]
+
 
 class DeceConfigError(ValueError):
     """A ``dece`` section that does not validate; the message names each bad field and value."""
@@ -61,6 +71,17 @@ class DeceConfig(BaseModel):
         0.0, ge=0.0, le=1.0,
         description="Floor on alpha: alpha = max(alpha_min, alpha_base ** e). 0 (default): the paper's schedule. "
                     "Keeps the late epochs' alpha from decaying further.")
+
+    preset: Preset | None = Field(
+        None, description="Named setting (dece_ds.config.PRESETS) that fills the fields not given: 'paper' "
+                          "(alpha_base 0.99) or 'backdoor_guard' (alpha_base 0.97, the README's measured choice).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_preset(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and isinstance(data.get("preset"), str) and data["preset"] in PRESETS:
+            return {**PRESETS[data["preset"]], **data}
+        return data
 
     @model_validator(mode="after")
     def _schedule_needs_steps(self) -> "DeceConfig":

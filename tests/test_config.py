@@ -18,7 +18,7 @@ DEFAULTS = {
     "enabled": True, "label_smoothing": 0.05, "alpha_base": 0.99, "schedule": "epoch",
     "steps_per_epoch": None, "prob_floor": 1e-7, "ignore_index": -100, "reduction": "mean",
     "chunk_size": None, "fused_linear": False, "ce_warmup_epochs": 0,
-    "alpha_min": 0.0,
+    "alpha_min": 0.0, "preset": None,
 }
 
 
@@ -35,7 +35,7 @@ VALID = [
     ("steps_per_epoch", 1), ("steps_per_epoch", 10_000), ("prob_floor", 0.0), ("prob_floor", 0.5),
     ("schedule", "constant"), ("reduction", "sum"), ("reduction", "none"), ("chunk_size", 1),
     ("ce_warmup_epochs", 3), ("ignore_index", -1), ("fused_linear", True), ("enabled", False),
-    ("alpha_min", 0.5), ("alpha_min", 0.99),
+    ("alpha_min", 0.5), ("alpha_min", 0.99), ("preset", "paper"), ("preset", "backdoor_guard"),
 ]
 
 INVALID = [
@@ -45,7 +45,7 @@ INVALID = [
     ("prob_floor", -1e-9), ("prob_floor", 1.0),
     ("schedule", "linear"), ("schedule", "Epoch"), ("reduction", "avg"), ("reduction", None),
     ("chunk_size", 0), ("ce_warmup_epochs", -1), ("ignore_index", "x"),
-    ("alpha_min", -0.1), ("alpha_min", 1.5), ("alpha_min", 0.995),
+    ("alpha_min", -0.1), ("alpha_min", 1.5), ("alpha_min", 0.995), ("preset", "guard"), ("preset", 1), ("preset", ["paper"]),
 ]
 
 
@@ -108,6 +108,25 @@ def test_frozen():
     assert hash(cfg) == hash(DeceConfig())  # frozen models hash by value
 
 
+# --- presets ------------------------------------------------------------------------------------------
+
+def test_paper_preset_is_the_released_codes_defaults():
+    cfg = DeceConfig.from_dict({"preset": "paper"})
+    assert (cfg.alpha_base, cfg.label_smoothing, cfg.prob_floor, cfg.schedule) == (0.99, 0.05, 1e-7, "epoch")
+
+
+def test_backdoor_guard_preset_and_explicit_fields_win():
+    cfg = DeceConfig.from_ds_config({"dece": {"preset": "backdoor_guard"}})
+    assert (cfg.alpha_base, cfg.label_smoothing, cfg.prob_floor, cfg.schedule) == (0.97, 0.05, 1e-7, "epoch")
+    over = DeceConfig.from_dict({"preset": "backdoor_guard", "alpha_base": 0.9, "ce_warmup_epochs": 1})
+    assert (over.alpha_base, over.ce_warmup_epochs, over.label_smoothing) == (0.9, 1, 0.05)
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(DeceConfigError, match=r"dece\.preset.*'guard'"):
+        DeceConfig.from_dict({"preset": "guard"})
+
+
 # --- from_ds_config / to_ds_section -----------------------------------------------------------------
 
 CONFIGS = [
@@ -116,6 +135,7 @@ CONFIGS = [
     {"schedule": "continuous", "steps_per_epoch": 250, "prob_floor": 0.0, "reduction": "sum"},
     {"enabled": False, "schedule": "constant", "alpha_base": 0.8, "chunk_size": 64, "fused_linear": True,
      "ce_warmup_epochs": 2, "ignore_index": -1},
+    {"preset": "backdoor_guard", "alpha_min": 0.5},
 ]
 
 

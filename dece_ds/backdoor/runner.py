@@ -597,7 +597,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, log: Calla
         spe = steps_per_epoch(n, ft.batch_size)
         dece = None
         if kind == "dece":
-            dece = {"enabled": True, "schedule": "epoch", **cfg.dece, **params, "steps_per_epoch": spe}
+            # a preset in the run spec replaces the experiment's dece defaults (explicit keys still win)
+            defaults = {} if "preset" in params else {"schedule": "epoch", **cfg.dece}
+            dece = {"enabled": True, **defaults, **params, "steps_per_epoch": spe}
         engine = make_engine(model, ft, spe * ft.epochs, dece)
         if kind in ("ls", "gce", "intrust"):
             engine.module.loss_function = baseline_loss_hook(kind, params)
