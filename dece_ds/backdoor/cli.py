@@ -68,6 +68,7 @@ def add_parser(subparsers) -> None:
     r.add_argument("--no-codebleu", action="store_true")
     r.add_argument("--threads", type=int)
     r.add_argument("--seed", type=int)
+    r.add_argument("--finetune-seed", type=int, help="seed of the fine-tuning batch order only (same stand-in)")
     r.add_argument("--name", help="results file stem (default <dataset>-<attack>-<rate%%>)")
     r.add_argument("--cache-dir")
     r.add_argument("--finetune-dropout", type=float, help="dropout while fine-tuning (default: the model's)")
@@ -106,7 +107,7 @@ def build_config(args: argparse.Namespace):
                        ("max_src_tokens", "model.max_src_tokens"),
                        ("checkpoint", "model.checkpoint"), ("epoch_eval_rows", "eval.epoch_eval_rows"),
                        ("test_rows", "eval.test_rows"), ("max_new_tokens", "eval.max_new_tokens"),
-                       ("threads", "threads"), ("seed", "seed"), ("name", "name"), ("cache_dir", "cache_dir"), ("finetune_dropout", "finetune_dropout")]:
+                       ("threads", "threads"), ("seed", "seed"), ("finetune_seed", "finetune_seed"), ("name", "name"), ("cache_dir", "cache_dir"), ("finetune_dropout", "finetune_dropout")]:
         set_(path, getattr(args, flag))
     if args.no_codebleu:
         _set(base, "eval.codebleu", False)

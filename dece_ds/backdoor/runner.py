@@ -138,6 +138,9 @@ class ExperimentConfig(BaseModel):
     finetune_dropout: float | None = Field(
         None, ge=0.0, lt=1.0, description="Dropout while fine-tuning; None: the model's own.")
     seed: int = 0
+    finetune_seed: int | None = Field(
+        None, description="Seed of the fine-tuning batch order; None: seed. Varies the fine-tuning runs alone: "
+                          "the stand-in (cached per seed) stays the same.")
     threads: int | None = Field(None, ge=1, description="torch.set_num_threads; None: leave as is.")
     cache_dir: str = "runs/backdoor/cache"
     name: str | None = Field(None, description="Results file stem; None: <dataset>-<attack>-<rate%>.")
@@ -586,7 +589,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, log: Calla
     for spec_str in cfg.runs:
         kind, params = parse_run(spec_str)
         t0 = time.time()
-        model = build_model(spec, tok.vocab_size, cfg.seed)
+        ft_seed = cfg.seed if cfg.finetune_seed is None else cfg.finetune_seed
+        model = build_model(spec, tok.vocab_size, ft_seed)
         model.load_state_dict(base_state)
         if cfg.finetune_dropout is not None:
             for module in model.modules():
@@ -603,12 +607,15 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, log: Calla
         engine = make_engine(model, ft, spe * ft.epochs, dece)
         if kind in ("ls", "gce", "intrust"):
             engine.module.loss_function = baseline_loss_hook(kind, params)
+        if dece is not None:  # recorded as resolved (a preset's values spelled out)
+            from ..config import DeceConfig
+            dece = DeceConfig.from_dict(dece).model_dump(mode="json")
         record = {"kind": kind, "loss": dece or (getattr(engine.module.loss_function, "params", None)
                                                  if kind in ("ls", "gce", "intrust") else {"ce": True}),
                   "epochs": []}
         for epoch in range(1, ft.epochs + 1):
             alpha = _current_alpha(engine.module)
-            loss = train_epoch(engine, data, ft.batch_size, cfg.seed, epoch, f"{spec_str} {epoch}/{ft.epochs}")
+            loss = train_epoch(engine, data, ft.batch_size, ft_seed, epoch, f"{spec_str} {epoch}/{ft.epochs}")
             last = epoch == ft.epochs
             ev = evaluate(engine.module, tok, sets, attack, cfg, None if last else cfg.eval.epoch_eval_rows,
                           last and cfg.eval.codebleu, f"eval {spec_str} {epoch}")

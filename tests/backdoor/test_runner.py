@@ -32,6 +32,7 @@ def tiny_config(tmp_path, **over) -> ExperimentConfig:
     return ExperimentConfig.model_validate(cfg)
 
 
+@pytest.mark.timeout(400)
 def test_tiny_end_to_end_writes_the_report(tmp_path):
     cfg = tiny_config(tmp_path)
     run_experiment(cfg, tmp_path / "out", log=lambda *_: None)
@@ -58,9 +59,15 @@ def test_tiny_end_to_end_writes_the_report(tmp_path):
     assert saved["pretrain"]["rows"] > 0
     md = (tmp_path / "out" / "tiny.md").read_text()
     assert "CE on poisoned data" in md and "DeCE on poisoned data" in md and "GCE" in md
-    # A second run reuses the cached stand-in.
-    again = run_experiment(tiny_config(tmp_path, runs=["ce"], name="tiny2"), tmp_path / "out", log=lambda *_: None)
+    # A second run with another fine-tuning seed reuses the cached stand-in, but not the batch order;
+    # a preset in a run spec replaces the experiment's dece defaults.
+    again = run_experiment(tiny_config(tmp_path, runs=["ce", "dece:preset=backdoor_guard"], name="tiny2",
+                                       finetune_seed=1), tmp_path / "out", log=lambda *_: None)
     assert again["pretrain"]["cache"] == saved["pretrain"]["cache"]
+    assert again["runs"]["ce"]["epochs"][0]["train_loss"] != saved["runs"]["ce"]["epochs"][0]["train_loss"]
+    guard = again["runs"]["dece:preset=backdoor_guard"]
+    assert guard["loss"]["alpha_base"] == 0.97
+    assert [e["alpha"] for e in guard["epochs"]] == pytest.approx([0.97, 0.97 ** 2])
 
 
 def test_parse_run_specs():
@@ -107,12 +114,13 @@ def test_cli_registers_backdoor(capsys):
     from dece_ds.cli import main
     assert main(["backdoor", "run", "--dataset", "stdlib", "--rate", "2", "--runs", "ce,dece:alpha_base=0.9,"
                  "ce_warmup_epochs=2,gce", "--epochs", "3", "--max-src-tokens", "96", "--max-len", "192",
-                 "--print-config"]) == 0
+                 "--finetune-seed", "3", "--lr-schedule", "constant", "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["attack"]["rate"] == 0.02
     assert cfg["runs"] == ["ce", "dece:alpha_base=0.9,ce_warmup_epochs=2", "gce"]
     assert cfg["finetune"]["epochs"] == 3
     assert (cfg["model"]["max_src_tokens"], cfg["model"]["max_len"]) == (96, 192)
+    assert (cfg["finetune_seed"], cfg["finetune"]["lr_schedule"]) == (3, "constant")
 
 
 def _lyra_folder(tmp_path, n_train=20):
