@@ -39,6 +39,8 @@ def add_parser(subparsers) -> None:
     r.add_argument("--dataset", help="'stdlib' (built-in) or a Lyra-layout folder (train/valid/test.csv)")
     r.add_argument("--attack", choices=["badpre", "ripple", "grammar"])
     r.add_argument("--rate", type=float, help="poison rate in percent (5 = 5%%)")
+    r.add_argument("--n-insertions", type=int,
+                   help="trigger words inserted per instruction (badpre/ripple; the paper: 1 or 3)")
     r.add_argument("--runs", type=_csv, help="comma-separated run specs, e.g. clean,ce,dece,gce,intrust,ls or "
                                              "'dece:alpha_base=0.95,ce_warmup_epochs=2'")
     r.add_argument("--epochs", type=int, help="fine-tuning epochs")
@@ -88,12 +90,14 @@ def build_config(args: argparse.Namespace):
     base = json.loads(Path(args.config).read_text()) if args.config else {}
     set_ = lambda path, value: _set(base, path, value)  # noqa: E731
     set_("dataset", args.dataset)
-    if args.attack or args.rate is not None:
+    if args.attack or args.rate is not None or args.n_insertions is not None:
         attack = dict(base.get("attack", {"attack": "badpre", "rate": 0.05}))
         if args.attack:
             attack["attack"] = args.attack
         if args.rate is not None:
             attack["rate"] = args.rate / 100.0
+        if args.n_insertions is not None:
+            attack["n_insertions"] = args.n_insertions
         base["attack"] = attack
     set_("runs", args.runs)
     for flag, path in [("epochs", "finetune.epochs"), ("lr", "finetune.lr"), ("batch_size", "finetune.batch_size"),
@@ -126,7 +130,12 @@ def _set(d: dict, path: str, value) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = build_config(args)
+    from pydantic import ValidationError
+    try:
+        cfg = build_config(args)
+    except ValidationError as e:
+        print(f"dece-ds backdoor run: invalid experiment config: {e}", file=sys.stderr)
+        return 2
     if args.print_config:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0

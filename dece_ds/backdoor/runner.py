@@ -145,6 +145,12 @@ class ExperimentConfig(BaseModel):
     cache_dir: str = "runs/backdoor/cache"
     name: str | None = Field(None, description="Results file stem; None: <dataset>-<attack>-<rate%>.")
 
+    @field_validator("attack")
+    @classmethod
+    def _attack_parses(cls, v):
+        parse_attack(v)  # names the bad attack field now, not after the stand-in's pretraining
+        return v
+
     @field_validator("runs")
     @classmethod
     def _known_runs(cls, v):

@@ -123,6 +123,15 @@ def test_cli_registers_backdoor(capsys):
     assert (cfg["finetune_seed"], cfg["finetune"]["lr_schedule"]) == (3, "constant")
 
 
+def test_cli_n_insertions_reaches_the_attack_and_a_bad_attack_field_is_named(capsys):
+    from dece_ds.cli import main
+    assert main(["backdoor", "run", "--rate", "10", "--n-insertions", "3", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["attack"] == {"attack": "badpre", "rate": 0.1, "n_insertions": 3}
+    assert main(["backdoor", "run", "--attack", "grammar", "--n-insertions", "3", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert "attack.grammar.n_insertions" in err and "Extra inputs are not permitted" in err
+
+
 def _lyra_folder(tmp_path, n_train=20):
     """A Lyra-layout folder whose train rows say their own index (row i: src 'task i', an SQL tgt)."""
     import csv
