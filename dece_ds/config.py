@@ -23,8 +23,8 @@ Reduction = Literal["mean", "sum", "none"]
 PRESETS: dict[str, dict[str, Any]] = {
     # The released code's defaults (arXiv 2407.08956).
     "paper": {"alpha_base": 0.99, "label_smoothing": 0.05, "prob_floor": 1e-7, "schedule": "epoch"},
-    # What held every measured backdoor at 0 % ASR at the smallest clean-quality cost
-    # (README, "Backdoor evaluation": Lyra settings B-D, BadPre and RIPPLe).
+    # Measured on Lyra (README, "Backdoor evaluation"): 0.0 % ASR for every attack and setting tried,
+    # BLEU within 0.3 of CE against BadPre with three trigger words; 0.99 failed (61 % ASR), 0.98 let 0.6 % by.
     "backdoor_guard": {"alpha_base": 0.97, "label_smoothing": 0.05, "prob_floor": 1e-7, "schedule": "epoch"},
 }
 Preset = Literal["paper", "backdoor_guard"]
