@@ -27,7 +27,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # BLEU within 0.3 of CE against BadPre with three trigger words; 0.99 failed (61 % ASR), 0.98 let 0.6 % by.
     "backdoor_guard": {"alpha_base": 0.97, "label_smoothing": 0.05, "prob_floor": 1e-7, "schedule": "epoch"},
 }
-Preset = Literal["paper", "backdoor_guard"]
+Preset = Literal[tuple(PRESETS)]  # the names above, nothing else
 
 
 class DeceConfigError(ValueError):

@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..config import DeceConfig
 from .generate import greedy_generate
 from .metrics import attack_success_rate, bleu4, code_bleu, exact_match, false_trigger_rate
 from .poison import parse_attack, poison_dataset
@@ -614,7 +615,6 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, log: Calla
         if kind in ("ls", "gce", "intrust"):
             engine.module.loss_function = baseline_loss_hook(kind, params)
         if dece is not None:  # recorded as resolved (a preset's values spelled out)
-            from ..config import DeceConfig
             dece = DeceConfig.from_dict(dece).model_dump(mode="json")
         record = {"kind": kind, "loss": dece or (getattr(engine.module.loss_function, "params", None)
                                                  if kind in ("ls", "gce", "intrust") else {"ce": True}),
