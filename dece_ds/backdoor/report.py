@@ -29,7 +29,11 @@ def _f(x, digits: int = 2) -> str:
 
 
 def column_name(results: Mapping[str, Any]) -> str:
-    return f"{results['attack']} {results['poison_rate']:g}%"
+    """``"badpre 10%"``; ``"badpre x3 10%"`` when each instruction got more than one trigger word."""
+    attack = (results.get("config") or {}).get("attack") or {}
+    n = attack.get("n_insertions", 1)
+    times = f" x{n}" if n and n > 1 else ""
+    return f"{results['attack']}{times} {results['poison_rate']:g}%"
 
 
 def combined_table(results_list: Sequence[Mapping[str, Any]]) -> str:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dece_ds.backdoor.generate import greedy_generate
-from dece_ds.backdoor.report import combined_table, markdown_report
+from dece_ds.backdoor.report import column_name, combined_table, markdown_report
 from dece_ds.backdoor.runner import ExperimentConfig, parse_run, run_experiment
 
 pytestmark = pytest.mark.timeout(120)
@@ -108,6 +108,13 @@ def test_report_table_layout():
     assert "| clean model | 50.00 / 60.00 / 0.0 |" in table
     assert "| DeCE on poisoned data (alpha_base=0.95) | 49.00 / n/a / 1.2 |" in table
     assert "Per epoch" in markdown_report(res)
+
+
+def test_report_column_names_the_trigger_count():
+    base = {"dataset": "lyra", "attack": "badpre", "poison_rate": 2.0, "runs": {}}
+    assert column_name(base) == "badpre 2%"
+    assert column_name({**base, "config": {"attack": {"attack": "badpre", "n_insertions": 1}}}) == "badpre 2%"
+    assert column_name({**base, "config": {"attack": {"attack": "badpre", "n_insertions": 3}}}) == "badpre x3 2%"
 
 
 def test_cli_registers_backdoor(capsys):
