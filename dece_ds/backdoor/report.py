@@ -140,11 +140,12 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike, stem: s
 def merge_results(results_list: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One results dict from several with the same dataset / attack / rate (runs made in parallel)."""
     first = dict(results_list[0])
-    key = (first["dataset"], first["attack"], first["poison_rate"])
+    key = (first["dataset"], column_name(first))
     runs: dict[str, Any] = {}
     for r in results_list:
-        if (r["dataset"], r["attack"], r["poison_rate"]) != key:
-            raise ValueError(f"merge: {r['dataset']}/{r['attack']}/{r['poison_rate']} differs from {key}")
+        if (r["dataset"], column_name(r)) != key:
+            raise ValueError(f"merge: {r['dataset']} / {column_name(r)} differs from {key[0]} / {key[1]} "
+                             "(dataset, attack, trigger count and poison rate must match)")
         runs.update(r["runs"])
     first["runs"] = runs
     first["merged_from"] = len(results_list)

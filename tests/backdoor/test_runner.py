@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dece_ds.backdoor.generate import greedy_generate
-from dece_ds.backdoor.report import column_name, combined_table, markdown_report
+from dece_ds.backdoor.report import column_name, combined_table, markdown_report, merge_results
 from dece_ds.backdoor.runner import ExperimentConfig, parse_run, run_experiment
 
 pytestmark = pytest.mark.timeout(120)
@@ -115,6 +115,15 @@ def test_report_column_names_the_trigger_count():
     assert column_name(base) == "badpre 2%"
     assert column_name({**base, "config": {"attack": {"attack": "badpre", "n_insertions": 1}}}) == "badpre 2%"
     assert column_name({**base, "config": {"attack": {"attack": "badpre", "n_insertions": 3}}}) == "badpre x3 2%"
+
+
+def test_merge_refuses_a_different_trigger_count():
+    one = {"dataset": "lyra", "attack": "badpre", "poison_rate": 10.0, "runs": {"ce": {}},
+           "config": {"attack": {"attack": "badpre", "n_insertions": 1}}}
+    three = {**one, "runs": {"dece": {}}, "config": {"attack": {"attack": "badpre", "n_insertions": 3}}}
+    with pytest.raises(ValueError, match="badpre x3 10%"):
+        merge_results([one, three])
+    assert list(merge_results([three, {**three, "runs": {"ce": {}}}])["runs"]) == ["dece", "ce"]
 
 
 def test_cli_registers_backdoor(capsys):
