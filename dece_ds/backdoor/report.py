@@ -36,11 +36,19 @@ def column_name(results: Mapping[str, Any]) -> str:
     return f"{results['attack']}{times} {results['poison_rate']:g}%"
 
 
+def _row_rank(spec: str) -> int:
+    """clean, CE, DeCE variants, then the baselines in RUN_LABELS order, then anything else."""
+    kinds = list(RUN_LABELS)
+    kind = spec.partition(":")[0]
+    return kinds.index(kind) if kind in kinds else len(kinds)
+
+
 def combined_table(results_list: Sequence[Mapping[str, Any]]) -> str:
     """The paper's layout: a row per run, ``BLEU / CodeBLEU / ASR`` per (attack, rate) column group."""
     specs: list[str] = []
     for r in results_list:
         specs.extend(s for s in r["runs"] if s not in specs)
+    specs.sort(key=_row_rank)  # the paper's row order, whichever file a run came from
     head = "| run | " + " | ".join(f"{column_name(r)}: BLEU / CodeBLEU / ASR" for r in results_list) + " |"
     lines = [head, "|---|" + "---|" * len(results_list)]
     for spec in specs:

@@ -117,6 +117,16 @@ def test_report_column_names_the_trigger_count():
     assert column_name({**base, "config": {"attack": {"attack": "badpre", "n_insertions": 3}}}) == "badpre x3 2%"
 
 
+def test_combined_table_puts_rows_in_the_paper_order():
+    final = {"bleu": 1.0, "codebleu": 1.0, "asr": 0.0, "false_trigger": 0.0}
+    a = {"dataset": "lyra", "attack": "badpre", "poison_rate": 1.0,
+         "runs": {"gce": {"final": final}, "dece:alpha_base=0.97": {"final": final}, "ce": {"final": final}}}
+    b = {**a, "poison_rate": 10.0, "runs": {"clean": {"final": final}, "dece": {"final": final}}}
+    rows = [line.split(" | ")[0] for line in combined_table([a, b]).splitlines()[2:]]
+    assert rows == ["| clean model", "| CE on poisoned data", "| DeCE on poisoned data (alpha_base=0.97)",
+                    "| DeCE on poisoned data", "| GCE (q=0.5)"]
+
+
 def test_merge_refuses_a_different_trigger_count():
     one = {"dataset": "lyra", "attack": "badpre", "poison_rate": 10.0, "runs": {"ce": {}},
            "config": {"attack": {"attack": "badpre", "n_insertions": 1}}}
