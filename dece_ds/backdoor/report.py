@@ -146,7 +146,7 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike, stem: s
 
 
 def merge_results(results_list: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """One results dict from several with the same dataset / attack / rate (runs made in parallel)."""
+    """One results dict from several of the same dataset / attack / trigger count / rate (parallel runs)."""
     first = dict(results_list[0])
     key = (first["dataset"], column_name(first))
     runs: dict[str, Any] = {}
