@@ -23,8 +23,9 @@ Reduction = Literal["mean", "sum", "none"]
 PRESETS: dict[str, dict[str, Any]] = {
     # The released code's defaults (arXiv 2407.08956).
     "paper": {"alpha_base": 0.99, "label_smoothing": 0.05, "prob_floor": 1e-7, "schedule": "epoch"},
-    # Measured on Lyra (README, "Backdoor evaluation"): 0.0 % ASR for every attack and setting tried,
-    # BLEU within 0.3 of CE against BadPre with three trigger words; 0.99 failed (61 % ASR), 0.98 let 0.6 % by.
+    # Measured on Lyra (README, "Backdoor evaluation"): <= 0.6 % ASR for every attack, rate and setting
+    # tried; BLEU 0.3-0.44 below CE at BadPre x3 10 %, 1.2-2.4 below at lower rates and RIPPLe (one run
+    # each); 0.99 failed (61 % ASR), 0.98 let 0.6 % by at a larger BLEU cost.
     "backdoor_guard": {"alpha_base": 0.97, "label_smoothing": 0.05, "prob_floor": 1e-7, "schedule": "epoch"},
 }
 Preset = Literal[tuple(PRESETS)]  # the names above, nothing else

@@ -44,7 +44,7 @@ def _row_rank(spec: str) -> int:
 
 
 def combined_table(results_list: Sequence[Mapping[str, Any]]) -> str:
-    """The paper's layout: a row per run, ``BLEU / CodeBLEU / ASR`` per (attack, rate) column group."""
+    """The paper's layout: a row per run, ``BLEU / CodeBLEU / ASR`` per (attack, trigger count, rate) column group."""
     specs: list[str] = []
     for r in results_list:
         specs.extend(s for s in r["runs"] if s not in specs)
