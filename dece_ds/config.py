@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 DS_SECTION = "dece"
 
@@ -85,8 +85,10 @@ class DeceConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _schedule_needs_steps(self) -> "DeceConfig":
-        if self.schedule == "continuous" and self.steps_per_epoch is None:
+    def _schedule_needs_steps(self, info: ValidationInfo) -> "DeceConfig":
+        # context {"steps_per_epoch_later": True}: the caller fills steps_per_epoch in once it is known
+        later = bool(info.context and info.context.get("steps_per_epoch_later"))
+        if self.schedule == "continuous" and self.steps_per_epoch is None and not later:
             raise ValueError(
                 "steps_per_epoch: required when schedule='continuous' (e = 1 + step / steps_per_epoch), got None")
         if self.alpha_min > self.alpha_base:
@@ -125,9 +127,10 @@ class DeceConfig(BaseModel):
         return cls.from_dict(section)
 
     @classmethod
-    def from_dict(cls, section: Mapping[str, Any]) -> "DeceConfig":
+    def from_dict(cls, section: Mapping[str, Any], *, steps_per_epoch_later: bool = False) -> "DeceConfig":
+        """Validate a ``dece`` section; ``steps_per_epoch_later``: it may be missing (the caller fills it in)."""
         try:
-            return cls.model_validate(dict(section))
+            return cls.model_validate(dict(section), context={"steps_per_epoch_later": steps_per_epoch_later})
         except ValidationError as e:
             raise DeceConfigError(format_validation_error(e, prefix=DS_SECTION)) from None
 

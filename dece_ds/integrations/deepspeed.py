@@ -25,7 +25,9 @@ Order of work:
      ``vocab_size``), so the logits are never gathered;
    - otherwise (no TP, or TP with a gathered head): ``dece_loss`` on the full logits;
    - ``fused_linear: true`` (no vocab-parallel head): ``fused_linear_dece`` from the final hidden
-     states and ``lm_head.weight`` (``integrations.hf_fused_linear``), never building the logits.
+     states and ``lm_head.weight``, never building the logits.
+   All three are modes of one ``integrations.hook.DeceHook``: ``current_dece_loss``,
+   ``dece_client_state``, alpha logging and ``remove_dece_from_engine`` see every mode.
 4. Alpha: ``AlphaSchedule`` driven by ``engine.global_steps`` (optimizer steps taken), read at every
    forward: ``alpha = alpha_base ** (1 + global_steps // steps_per_epoch)`` for ``"epoch"``.
 
@@ -42,16 +44,17 @@ import weakref
 from typing import Any, Mapping
 
 from ..config import DeceConfig, DeceConfigError
-from .transformers import announce, current_dece_loss, install_dece_loss, remove_dece_loss
+from .hook import announce
+from .transformers import current_dece_loss, install_dece_loss, remove_dece_loss
 
 CLIENT_STATE_KEY = "dece"
 
 
-def _engine_rules(cfg: DeceConfig) -> DeceConfig:
+def _engine_rules(cfg: DeceConfig, steps_per_epoch_later: bool = False) -> DeceConfig:
     """Rules that hold for the engine integration on top of DeceConfig's own."""
     errors = []
     if cfg.enabled:
-        if cfg.schedule in ("epoch", "continuous") and cfg.steps_per_epoch is None:
+        if cfg.schedule in ("epoch", "continuous") and cfg.steps_per_epoch is None and not steps_per_epoch_later:
             errors.append(f"  dece.steps_per_epoch: required with schedule='{cfg.schedule}' under DeepSpeed "
                           "(alpha follows engine.global_steps; give the optimizer steps per epoch) (got None)")
         if cfg.reduction == "none":
@@ -95,16 +98,25 @@ def ds_config_from_initialize_args(bound: Mapping[str, Any]) -> Mapping[str, Any
     return _load_ds_config(config)
 
 
-def dece_config_for_engine(ds_config) -> DeceConfig:
-    """Validate the ``dece`` section of a DeepSpeed config (path or dict) for the engine integration."""
-    return _engine_rules(DeceConfig.from_ds_config(_load_ds_config(ds_config)))
+def dece_config_for_engine(ds_config, *, steps_per_epoch_later: bool = False) -> DeceConfig:
+    """Validate the ``dece`` section of a DeepSpeed config (path or dict) for the engine integration.
+
+    ``steps_per_epoch_later``: the caller computes ``steps_per_epoch`` from its data and fills it in
+    (``cfg.model_copy(update=...)``) before ``initialize(..., dece_config=cfg)``.
+    """
+    ds_config = _load_ds_config(ds_config)
+    section = ds_config.get("dece") if isinstance(ds_config, Mapping) else None
+    if steps_per_epoch_later and isinstance(section, Mapping):
+        return _engine_rules(DeceConfig.from_dict(section, steps_per_epoch_later=True), steps_per_epoch_later=True)
+    return _engine_rules(DeceConfig.from_ds_config(ds_config))
 
 
-def initialize(*args, **kwargs):
+def initialize(*args, dece_config: DeceConfig | None = None, **kwargs):
     """``deepspeed.initialize`` with DeCE from the config's ``dece`` section (see the module docstring).
 
-    Takes exactly the arguments of ``deepspeed.initialize`` and returns its tuple
-    ``(engine, optimizer, training_dataloader, lr_scheduler)``.
+    Takes the arguments of ``deepspeed.initialize`` and returns its tuple
+    ``(engine, optimizer, training_dataloader, lr_scheduler)``. ``dece_config``: a section the caller
+    has validated already (``dece_config_for_engine``); the config's own ``dece`` key is then not read.
     """
     import deepspeed
 
@@ -116,7 +128,12 @@ def initialize(*args, **kwargs):
     for name, param in signature.parameters.items():
         if param.kind is param.VAR_KEYWORD:
             bound.update(bound.pop(name, {}))
-    cfg = dece_config_for_engine(ds_config_from_initialize_args(bound))
+    if dece_config is not None:
+        if not isinstance(dece_config, DeceConfig):
+            raise TypeError(f"dece_config: expected a DeceConfig, got {type(dece_config).__name__}")
+        cfg = _engine_rules(dece_config)
+    else:
+        cfg = dece_config_for_engine(ds_config_from_initialize_args(bound))
     model = bound.get("model")
     if cfg.enabled:
         if model is not None and not hasattr(model, "loss_function"):
@@ -166,39 +183,46 @@ def apply_dece_to_engine(engine, config):
     module = getattr(engine, "module", None)
     if module is None:
         raise AttributeError(f"{type(engine).__qualname__}.module: not found; expected a DeepSpeedEngine")
-    if cfg.fused_linear:
-        from ..parallel.vocab_shard import find_vocab_parallel_head
-        from .hf_fused_linear import apply_fused_linear_dece
-        if find_vocab_parallel_head(module) is not None:
-            raise DeceConfigError("dece.fused_linear: not supported yet with AutoTP's vocab-parallel lm_head; "
-                                  "the vocab-parallel DeCE already never gathers the logits (got True)")
-        return apply_fused_linear_dece(module, cfg, step_source=engine_step_source(engine))
     return install_dece_loss(module, cfg, step_source=engine_step_source(engine))
 
 
 def remove_dece_from_engine(engine) -> bool:
+    """Put back the model's own loss (and, after ``fused_linear``, its ``lm_head``); False if DeCE was not on."""
     return remove_dece_loss(engine.module)
 
 
 def dece_client_state(engine) -> dict[str, Any]:
-    """``{"dece": {...}}`` to merge into ``engine.save_checkpoint(..., client_state=...)``."""
+    """``{"dece": {...}}`` to merge into ``engine.save_checkpoint(..., client_state=...)``: the section, the
+    mode (``logits`` / ``vocab_shard`` / ``hidden``), the schedule state and alpha."""
     hook = current_dece_loss(engine.module)
     if hook is None:
         return {CLIENT_STATE_KEY: {"enabled": False}}
-    hook.sync_schedule()
-    return {CLIENT_STATE_KEY: {"enabled": True, "config": hook.config.to_ds_section(),
-                               "schedule": hook.schedule.state_dict(), "alpha": hook.schedule.alpha}}
+    return {CLIENT_STATE_KEY: hook.record()}
 
 
-def check_dece_client_state(engine, client_state: Mapping[str, Any] | None) -> None:
-    """After ``engine.load_checkpoint``: warn if the checkpoint's dece section or schedule differs."""
+def dece_client_state_differences(engine, client_state: Mapping[str, Any] | None) -> list[str]:
+    """What differs between a checkpoint's dece record and this engine's: ``["dece.alpha_base: 0.9 -> 0.97",
+    ...]``; empty when they agree or the checkpoint has no record."""
     saved = (client_state or {}).get(CLIENT_STATE_KEY)
     if saved is None:
-        return
+        return []
     now = dece_client_state(engine)[CLIENT_STATE_KEY]
-    if saved.get("enabled") != now.get("enabled") or saved.get("config") != now.get("config"):
-        announce(f"resume: the checkpoint was trained with dece={saved.get('config', saved)}, this run uses "
-                 f"dece={now.get('config', now)}")
-    elif saved.get("schedule") != now.get("schedule"):
-        announce(f"resume: schedule state {now.get('schedule')} differs from the checkpoint's "
-                 f"{saved.get('schedule')}")
+    diffs = []
+    for key in ("enabled", "mode"):
+        if key in saved and saved.get(key) != now.get(key):
+            diffs.append(f"dece {key}: {saved.get(key)!r} in the checkpoint, {now.get(key)!r} now")
+    saved_cfg, now_cfg = saved.get("config") or {}, now.get("config") or {}
+    for key in sorted(set(saved_cfg) | set(now_cfg)):
+        if saved_cfg.get(key) != now_cfg.get(key):
+            diffs.append(f"dece.{key}: {saved_cfg.get(key)!r} in the checkpoint, {now_cfg.get(key)!r} now")
+    if not diffs and saved.get("schedule") is not None and saved.get("schedule") != now.get("schedule"):
+        diffs.append(f"dece schedule state: {saved.get('schedule')} in the checkpoint, {now.get('schedule')} now")
+    return diffs
+
+
+def check_dece_client_state(engine, client_state: Mapping[str, Any] | None) -> list[str]:
+    """After ``engine.load_checkpoint``: warn about each difference in the dece record; returns them."""
+    diffs = dece_client_state_differences(engine, client_state)
+    for diff in diffs:
+        announce(f"resume: {diff}")
+    return diffs

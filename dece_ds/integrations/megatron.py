@@ -24,7 +24,7 @@ import torch
 
 from ..config import DeceConfig
 from ..loss import DeceLoss
-from ..ops.vocab_parallel import vocab_parallel_dece
+from .hook import DeceHook
 
 log = logging.getLogger("dece_ds.megatron")
 
@@ -42,18 +42,27 @@ PATCH_TARGETS = (
 
 @dataclass
 class _Installed:
-    loss: DeceLoss
+    hook: DeceHook  # manual steps: the training loop calls .step() on the returned DeceLoss
     true_vocab_size: int | None
     originals: dict[tuple[str, str], object]
+
+    @property
+    def loss(self) -> DeceLoss:
+        return self.hook.loss
 
 
 _installed: _Installed | None = None
 
 
-def _state_loss() -> tuple[DeceLoss, int | None]:
+def current_megatron_hook() -> DeceHook | None:
+    """The hook behind the patched functions (alpha, config, ``record()`` for checkpoints), or None."""
+    return _installed.hook if _installed is not None else None
+
+
+def _state_hook() -> tuple[DeceHook, int | None]:
     if _installed is not None:
-        return _installed.loss, _installed.true_vocab_size
-    return DeceLoss(DeceConfig()), None
+        return _installed.hook, _installed.true_vocab_size
+    return DeceHook(DeceConfig()), None
 
 
 def _megatron_tp():
@@ -68,16 +77,14 @@ def _megatron_tp():
 
 
 def _dece_per_token(vocab_parallel_logits, target, label_smoothing, tp_group, rank, world):
-    loss_module, true_vocab_size = _state_loss()
-    cfg = loss_module.config
+    hook, true_vocab_size = _state_hook()
     partition = vocab_parallel_logits.shape[-1]
-    return vocab_parallel_dece(
-        vocab_parallel_logits, target, alpha=loss_module.alpha,
-        label_smoothing=label_smoothing if label_smoothing else cfg.label_smoothing,
-        ignore_index=cfg.ignore_index, reduction="none", prob_floor=cfg.prob_floor,
-        tp_group=tp_group if world > 1 else None,
-        vocab_start_index=rank * partition if world > 1 else None,
-        global_vocab_size=true_vocab_size or partition * world, chunk_size=cfg.chunk_size)
+    hook.last_alpha = hook.alpha
+    hook.calls += 1
+    return hook.loss_from_logits(
+        vocab_parallel_logits, target, reduction="none", label_smoothing=label_smoothing or None,
+        tp_group=tp_group if world > 1 else None, vocab_start_index=rank * partition if world > 1 else None,
+        global_vocab_size=true_vocab_size or partition * world)
 
 
 def dece_vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: torch.Tensor,
@@ -117,7 +124,7 @@ def apply_dece_to_megatron(config: DeceConfig | dict | None = None, *,
         revert_dece_from_megatron()
         return None
     if _installed is not None:  # idempotent: keep the patches, take the new settings
-        _installed.loss = DeceLoss(config)
+        _installed.hook = DeceHook(config)
         _installed.true_vocab_size = true_vocab_size
         log.info("dece: megatron-core already patched; settings updated")
         return _installed.loss
@@ -140,7 +147,7 @@ def apply_dece_to_megatron(config: DeceConfig | dict | None = None, *,
         patched = _mark(fn, original)
         setattr(module, attr, patched)
         log.info("dece: patched %s.%s -> dece_ds.integrations.megatron.%s", module_name, attr, fn.__name__)
-    _installed = _Installed(DeceLoss(config), true_vocab_size, originals)
+    _installed = _Installed(DeceHook(config), true_vocab_size, originals)
     return _installed.loss
 
 

@@ -106,3 +106,16 @@ def test_kill_and_resume_matches_the_uninterrupted_run(setup, runs):
     resumed = _losses(out)
     assert [step for step, _, _ in resumed] == list(range(1, STEPS + 1))  # step 5 redone, not duplicated
     _assert_same_run(resumed, _losses(runs["deepspeed"]), "resumed")
+
+
+def test_kill_in_the_middle_of_a_checkpoint_save_loses_nothing(setup, runs):
+    """Every rank dies right after writing its first file of the step-4 save: 'latest' still names the
+    complete step-2 checkpoint, and the resumed run has the losses and alpha of the uninterrupted one."""
+    out, proc = _train(setup, "deepspeed", "killed_mid_save", "--simulate-crash-during-save", "4", check=False)
+    assert proc.returncode != 0  # really died
+    assert (out / "checkpoints" / "step4").is_dir()  # the save had begun
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step2"
+    out, proc = _train(setup, "deepspeed", "killed_mid_save", "--resume")
+    resumed = _losses(out)
+    assert [step for step, _, _ in resumed] == list(range(1, STEPS + 1))
+    _assert_same_run(resumed, _losses(runs["deepspeed"]), "resumed after a kill mid-save")

@@ -44,7 +44,7 @@ def _train(rank, world, mode: str, results):
     dece = DeceConfig(alpha_base=0.9, label_smoothing=0.05)
     seen_status = []
     if mode == "inside":
-        import dece_ds.integrations.hf_fused_linear as hf
+        import dece_ds.integrations.hook as hf  # the hook calls fused_linear_dece in "hidden" mode
         real = hf.fused_linear_dece
 
         def recording(hidden, weight, *a, **k):  # the Liger-767 situation: called with an empty weight

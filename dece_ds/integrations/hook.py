@@ -1,0 +1,271 @@
+"""The one hook: every integration's plumbing around the DeCE math, in one object.
+
+A ``DeceHook`` owns
+  - the validated ``dece`` section (``DeceConfig``; validated once, by whoever built the hook);
+  - the ``DeceLoss`` and its alpha schedule;
+  - where the step comes from: a ``step_source`` ``() -> int`` read at every call (DeepSpeed
+    ``engine.global_steps``, the Trainer's ``state.global_step``), an optional ``epoch_source``
+    (the Trainer's epoch), or manual ``step()`` / ``set_epoch()`` (Megatron, plain loops);
+  - the label rules of ``transformers``' ``ForCausalLMLoss``: position t predicts ``labels[t + 1]``
+    (or ``shift_labels`` as given), ``ignore_index`` must agree with the section, and
+    ``num_items_in_batch`` divides the sum only with ``reduction="mean"``;
+  - the mode, i.e. what the loss receives:
+        "logits"       full logits ``[..., V]``                       -> ``dece_loss``
+        "vocab_shard"  this rank's columns ``[..., V_local]`` of a    -> ``vocab_parallel_dece``
+                       vocabulary-parallel head (``VocabParallelHead``)
+        "hidden"       final hidden states ``[..., H]`` and the head's -> ``fused_linear_dece``
+                       weight (the logits are never built)
+  - install / remove on a Hugging Face causal LM (its ``loss_function`` hook; in "hidden" mode also
+    a pass-through ``lm_head`` while a labelled forward runs).
+
+Adapters (``integrations.deepspeed``, ``.transformers``, ``.hf_fused_linear``, ``.megatron``) only
+say where the step and the tensors come from. ``CausalLMLossHook`` is the mode-free base (label
+shift, install/remove, in ``loss_hook.py``), also used to install the backdoor evaluation's baseline losses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..config import DeceConfig, DeceConfigError
+from ..loss import DeceLoss
+from ..ops.fused_linear import fused_linear_dece
+from ..ops.vocab_parallel import vocab_parallel_dece
+from ..parallel.vocab_shard import VocabParallelHead
+from .loss_hook import (CausalLMLossHook, FunctionLossHook, announce, current_hook,  # noqa: F401 (re-exported)
+                        describe_callable, shift_causal_labels)
+
+MODES = ("logits", "vocab_shard", "hidden")
+# Model-config keys that transform the logits after lm_head: the fused loss would skip them.
+UNFUSABLE_CONFIG_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+class FusedLinearHandle:
+    """What a "hidden"-mode hook installed on one model (``model._dece_fused_linear``); ``revert()`` undoes it."""
+
+    def __init__(self, hook: "DeceHook"):
+        self.hook = hook
+
+    @property
+    def model(self):
+        return self.hook.model
+
+    @property
+    def loss(self) -> DeceLoss:
+        return self.hook.loss
+
+    @property
+    def active(self) -> bool:
+        return self.hook.active
+
+    @property
+    def step_source(self):
+        return self.hook.step_source
+
+    @step_source.setter
+    def step_source(self, source) -> None:
+        self.hook.step_source = source
+
+    def step(self, n: int = 1) -> None:
+        self.hook.step(n)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.hook.set_epoch(epoch)
+
+    @property
+    def alpha(self) -> float:
+        return self.hook.alpha
+
+    def revert(self) -> None:
+        self.hook.remove()
+
+
+class DeceHook(CausalLMLossHook):
+    """DeCE as ``model.loss_function``, in any mode; also called directly by non-HF adapters.
+
+    Args:
+        config: the validated ``dece`` section (``enabled`` must be true).
+        step_source: ``() -> int`` optimizer steps taken, read at every call; None: manual ``step()``.
+        epoch_source: ``() -> int | None`` the epoch from 1; overrides the step for ``schedule="epoch"``.
+        shard: the vocab-parallel head's layout ("vocab_shard" mode).
+        fused: True: "hidden" mode (hidden states + the head weight); default ``config.fused_linear``.
+        loss: a ``DeceLoss`` to use (its schedule state is kept); default a new one from ``config``.
+    """
+
+    display_name = "DeCE"
+
+    def __init__(self, config: DeceConfig, *, step_source: Callable[[], int] | None = None,
+                 epoch_source: Callable[[], int | None] | None = None, shard: VocabParallelHead | None = None,
+                 fused: bool | None = None, loss: DeceLoss | None = None, wrapped=None):
+        super().__init__()
+        if not isinstance(config, DeceConfig):
+            raise TypeError(f"config: expected a DeceConfig, got {type(config).__name__}")
+        if not config.enabled:
+            raise DeceConfigError("dece.enabled: false; there is no DeCE loss to install (got False)")
+        fused = config.fused_linear if fused is None else bool(fused)
+        if fused and shard is not None:
+            raise DeceConfigError("dece.fused_linear: not supported yet with AutoTP's vocab-parallel lm_head; "
+                                  "the vocab-parallel DeCE already never gathers the logits (got True)")
+        self.config = config
+        self.ignore_index = config.ignore_index
+        self.shard = shard
+        self.fused = fused
+        self.step_source = step_source
+        self.epoch_source = epoch_source
+        self.__wrapped__ = wrapped
+        self.loss = loss if loss is not None else DeceLoss(config)
+        self.last_alpha: float | None = None
+        self.calls = 0
+        self.active = False  # "hidden" mode: a labelled forward is running
+        self.head: nn.Linear | None = None
+        self._handles: list = []
+        self._warned_vocab = False
+
+    # ---- schedule
+    @property
+    def mode(self) -> str:
+        return "hidden" if self.fused else "vocab_shard" if self.shard is not None else "logits"
+
+    @property
+    def dece(self) -> DeceLoss:  # the name older code used
+        return self.loss
+
+    @property
+    def schedule(self):
+        return self.loss.schedule
+
+    def sync_schedule(self) -> float:
+        """Read the step (and epoch) sources into the schedule; returns the alpha now in force."""
+        if self.step_source is not None:
+            self.loss.schedule.set_step(int(self.step_source()))
+        if self.epoch_source is not None:
+            epoch = self.epoch_source()
+            if epoch is not None:
+                self.loss.schedule.set_epoch(int(epoch))
+        return self.loss.alpha
+
+    @property
+    def alpha(self) -> float:
+        return self.sync_schedule()
+
+    def step(self, n_steps: int = 1) -> None:
+        """Count optimizer steps by hand (when no ``step_source`` drives the schedule)."""
+        self.loss.step(n_steps)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loss.set_epoch(epoch)
+
+    def _num_items(self, num_items_in_batch):
+        return num_items_in_batch if self.config.reduction == "mean" else None
+
+    # ---- the loss, per mode
+    def compute(self, inputs: torch.Tensor, target: torch.Tensor, num_items_in_batch=None,
+                vocab_size: int | None = None) -> torch.Tensor:
+        """``inputs``: logits ``[..., V]`` / ``[..., V_local]``, or hidden states ``[..., H]`` in "hidden" mode;
+        ``target`` ``[...]`` int64 global ids, already shifted."""
+        self.last_alpha = self.sync_schedule()
+        self.calls += 1
+        if self.fused:
+            return self.loss_from_hidden(inputs, target, num_items_in_batch)
+        self._check_vocab(inputs, vocab_size)
+        return self.loss_from_logits(inputs, target, num_items_in_batch)
+
+    def _check_vocab(self, logits, vocab_size) -> None:
+        if vocab_size is None:
+            return
+        if self.shard is None:
+            if vocab_size != logits.shape[-1]:
+                raise ValueError(f"vocab_size: {vocab_size}, but the logits have {logits.shape[-1]} columns")
+        elif vocab_size != self.shard.global_vocab_size and not self._warned_vocab:
+            self._warned_vocab = True
+            announce(f"vocab_size={vocab_size} from the model config, but the vocab-parallel head holds "
+                     f"{self.shard.global_vocab_size}; the head's layout wins (as in DeepSpeed's own loss)")
+
+    def loss_from_logits(self, logits: torch.Tensor, target: torch.Tensor, num_items_in_batch=None, *,
+                         tp_group=None, vocab_start_index: int | None = None, global_vocab_size: int | None = None,
+                         reduction: str | None = None, label_smoothing: float | None = None) -> torch.Tensor:
+        """DeCE on full logits or a vocabulary shard (this hook's shard unless one is given) at today's alpha."""
+        cfg = self.config
+        if self.shard is not None and tp_group is None and vocab_start_index is None:
+            tp_group, vocab_start_index = self.shard.tp_group, self.shard.vocab_start_index
+            global_vocab_size = self.shard.global_vocab_size
+        reduction = reduction or cfg.reduction
+        return vocab_parallel_dece(
+            logits, target, alpha=self.loss.alpha,
+            label_smoothing=cfg.label_smoothing if label_smoothing is None else label_smoothing,
+            ignore_index=cfg.ignore_index, reduction=reduction, prob_floor=cfg.prob_floor,
+            num_items_in_batch=num_items_in_batch if reduction == "mean" else None, tp_group=tp_group,
+            vocab_start_index=vocab_start_index, global_vocab_size=global_vocab_size, chunk_size=cfg.chunk_size)
+
+    def loss_from_hidden(self, hidden: torch.Tensor, target: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        """Fused-linear DeCE from hidden states ``[..., H]`` and the installed head's weight (and bias)."""
+        if self.head is None:
+            raise RuntimeError("dece fused-linear loss: no lm_head; install the hook on a model first")
+        if not self.active:
+            raise RuntimeError("dece fused-linear loss called outside a labelled forward")
+        cfg = self.config
+        return fused_linear_dece(
+            hidden, self.head.weight, target, alpha=self.loss.alpha, label_smoothing=cfg.label_smoothing,
+            ignore_index=cfg.ignore_index, reduction=cfg.reduction, prob_floor=cfg.prob_floor,
+            num_items_in_batch=self._num_items(num_items_in_batch), bias=self.head.bias, chunk_size=cfg.chunk_size)
+
+    # ---- "hidden" mode: a pass-through head while a labelled forward runs
+    def _install_extras(self, model: nn.Module) -> None:
+        if not self.fused:
+            return
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"dece.fused_linear: {type(model).__name__}.get_output_embeddings() is "
+                            f"{type(head).__name__}, expected an nn.Linear lm_head")
+        for key in UNFUSABLE_CONFIG_KEYS:
+            value = getattr(getattr(model, "config", None), key, None)
+            if value not in (None, 0, 0.0, 1, 1.0):
+                raise ValueError(f"dece.fused_linear: config.{key}={value} transforms the logits after lm_head; "
+                                 "the fused loss cannot reproduce that. Use the unfused DeCE (fused_linear: false).")
+        original_forward = head.forward
+        hook = self
+
+        def head_forward(hidden_states):
+            return hidden_states if hook.active else original_forward(hidden_states)
+
+        def pre_forward(module, args, kwargs):
+            hook.active = kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None
+
+        def post_forward(module, args, kwargs, output):  # always_call: also when the forward raised
+            if hook.active and output is not None and hasattr(output, "logits"):
+                output.logits = None  # the pass-through hidden states are not logits
+            hook.active = False
+            return output
+
+        self.head = head
+        head.forward = head_forward
+        self._handles = [model.register_forward_pre_hook(pre_forward, with_kwargs=True),
+                         model.register_forward_hook(post_forward, with_kwargs=True, always_call=True)]
+        model._dece_fused_linear = FusedLinearHandle(self)
+
+    def _uninstall_extras(self) -> None:
+        if not self.fused or self.head is None:
+            return
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.head.__dict__.pop("forward", None)
+        self.active = False
+        if self.model is not None:
+            self.model.__dict__.pop("_dece_fused_linear", None)
+        self.head = None
+
+    # ---- what a checkpoint records
+    def record(self) -> dict[str, Any]:
+        """The JSON-ready record of this hook for a checkpoint's ``client_state``."""
+        self.sync_schedule()
+        return {"enabled": True, "mode": self.mode, "config": self.config.to_ds_section(),
+                "schedule": self.schedule.state_dict(), "alpha": self.schedule.alpha}
+
+    def __repr__(self) -> str:
+        where = {"logits": "full logits", "hidden": "fused linear: hidden states + lm_head weight"}.get(
+            self.mode) or self.shard.describe()
+        return f"DeceCausalLMLoss({self.loss.extra_repr()}, {where})"
