@@ -161,27 +161,34 @@ def _backdoor(root: Path, stem: str) -> dict[str, Any]:
 
 def backdoor_runs(root: Path, arg: str) -> str:
     """One results file: a row per run, final epoch on the whole test set."""
-    from .backdoor.report import run_label
+    from .backdoor.report import column_name, run_label
+    stems = _stems(arg, "backdoor-runs")
     rows = []
-    for stem in _stems(arg, "backdoor-runs"):
-        for spec, run in _backdoor(root, stem)["runs"].items():
+    for stem in stems:
+        results = _backdoor(root, stem)
+        for spec, run in results["runs"].items():
             f = run["final"]
-            rows.append([run_label(spec), _f(f["bleu"]), _f(f.get("codebleu")), _f(f["asr"], 1),
-                         _f(f["false_trigger"], 1), _f(f.get("valid_ce"), 3)])
-    return _md(["run", "BLEU", "CodeBLEU", "ASR %", "false trigger %", "valid CE"], rows)
+            first = [f"`{stem}`", run_label(spec)] if len(stems) > 1 else [run_label(spec)]
+            rows.append(first + [_f(f["bleu"]), _f(f.get("codebleu")), _f(f["asr"], 1),
+                                 _f(f["false_trigger"], 1), _f(f.get("valid_ce"), 3)])
+    head = ["results", "run"] if len(stems) > 1 else ["run"]
+    return _md(head + ["BLEU", "CodeBLEU", "ASR %", "false trigger %", "valid CE"], rows)
 
 
 def backdoor_epochs(root: Path, arg: str) -> str:
     """ASR % per fine-tuning epoch, a row per run (epochs before the last: the first eval rows only)."""
     from .backdoor.report import run_label
-    results = [(_backdoor(root, s)) for s in _stems(arg, "backdoor-epochs")]
+    stems = _stems(arg, "backdoor-epochs")
+    results = [_backdoor(root, s) for s in stems]
     n = max(len(run["epochs"]) for r in results for run in r["runs"].values())
     rows = []
-    for r in results:
+    for stem, r in zip(stems, results):
         for spec, run in r["runs"].items():
             asr = [_f(e["asr"], 1) for e in run["epochs"]]
-            rows.append([run_label(spec)] + asr + ["-"] * (n - len(asr)))
-    return _md(["ASR % at epoch"] + [str(i + 1) for i in range(n)], rows)
+            first = [f"`{stem}`", run_label(spec)] if len(stems) > 1 else [run_label(spec)]
+            rows.append(first + asr + ["-"] * (n - len(asr)))
+    head = ["results", "ASR % at epoch"] if len(stems) > 1 else ["ASR % at epoch"]
+    return _md(head + [str(i + 1) for i in range(n)], rows)
 
 
 def backdoor_combined(root: Path, arg: str) -> str:
