@@ -119,11 +119,12 @@ def _bounds(field) -> str:
     return ", ".join(parts)
 
 
-def config_table(root: Path | None = None, arg: str = "") -> str:
-    """Every ``dece`` key of ``DeceConfig``: type (with bounds), default, meaning."""
-    from .config import DeceConfig
+def config_table(root: Path | None = None, arg: str = "", model: type | None = None) -> str:
+    """Every ``dece`` key of ``DeceConfig`` (or ``model``): type (with bounds), default, meaning."""
+    if model is None:
+        from .config import DeceConfig as model
     rows = []
-    for name, field in DeceConfig.model_fields.items():
+    for name, field in model.model_fields.items():
         kind = _type_name(field.annotation)
         bounds = _bounds(field)
         if bounds:
