@@ -160,16 +160,36 @@ def _backdoor(root: Path, stem: str) -> dict[str, Any]:
     return results
 
 
+def _run_label(spec: str, run: Mapping[str, Any]) -> str:
+    """``report.run_label``, naming the alpha_base a bare ``dece`` spec resolved to (from the run's record)."""
+    from .backdoor.report import run_label
+    kind, _, params = spec.partition(":")
+    alpha = (run.get("loss") or {}).get("alpha_base")
+    if kind == "dece" and "alpha_base=" not in params and "preset=" not in params and alpha is not None:
+        spec = f"dece:alpha_base={alpha:g}" + (f",{params}" if params else "")
+    return run_label(spec)
+
+
+def _ordered_runs(results: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """The paper's row order (clean, CE, DeCE variants, baselines), whatever order the runs were merged in."""
+    from .backdoor.report import RUN_LABELS
+    kinds = list(RUN_LABELS)
+
+    def rank(spec: str) -> int:
+        kind = spec.partition(":")[0]
+        return kinds.index(kind) if kind in kinds else len(kinds)
+    return sorted(results["runs"].items(), key=lambda item: rank(item[0]))
+
+
 def backdoor_runs(root: Path, arg: str) -> str:
     """One results file: a row per run, final epoch on the whole test set."""
-    from .backdoor.report import column_name, run_label
     stems = _stems(arg, "backdoor-runs")
     rows = []
     for stem in stems:
-        results = _backdoor(root, stem)
-        for spec, run in results["runs"].items():
+        for spec, run in _ordered_runs(_backdoor(root, stem)):
             f = run["final"]
-            first = [f"`{stem}`", run_label(spec)] if len(stems) > 1 else [run_label(spec)]
+            label = _run_label(spec, run)
+            first = [f"`{stem}`", label] if len(stems) > 1 else [label]
             rows.append(first + [_f(f["bleu"]), _f(f.get("codebleu")), _f(f["asr"], 1),
                                  _f(f["false_trigger"], 1), _f(f.get("valid_ce"), 3)])
     head = ["results", "run"] if len(stems) > 1 else ["run"]
@@ -178,15 +198,15 @@ def backdoor_runs(root: Path, arg: str) -> str:
 
 def backdoor_epochs(root: Path, arg: str) -> str:
     """ASR % per fine-tuning epoch, a row per run (epochs before the last: the first eval rows only)."""
-    from .backdoor.report import run_label
     stems = _stems(arg, "backdoor-epochs")
     results = [_backdoor(root, s) for s in stems]
     n = max(len(run["epochs"]) for r in results for run in r["runs"].values())
     rows = []
     for stem, r in zip(stems, results):
-        for spec, run in r["runs"].items():
+        for spec, run in _ordered_runs(r):
             asr = [_f(e["asr"], 1) for e in run["epochs"]]
-            first = [f"`{stem}`", run_label(spec)] if len(stems) > 1 else [run_label(spec)]
+            label = _run_label(spec, run)
+            first = [f"`{stem}`", label] if len(stems) > 1 else [label]
             rows.append(first + asr + ["-"] * (n - len(asr)))
     head = ["results", "ASR % at epoch"] if len(stems) > 1 else ["ASR % at epoch"]
     return _md(head + [str(i + 1) for i in range(n)], rows)
