@@ -8,7 +8,7 @@ from .schedule import AlphaSchedule
 
 __all__ = ["AlphaSchedule", "DeceConfig", "DeceConfigError", "DeceFunction", "DeceLoss", "dece_loss",
            "vocab_parallel_dece"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name):

@@ -11,13 +11,8 @@ import sys
 SUBCOMMAND_MODULES = [
     "dece_ds.backdoor.cli",
     "dece_ds.planning.cli",
+    "dece_ds.docs_tables",
 ]
-
-
-def _config_schema(args: argparse.Namespace) -> int:
-    from .config import DeceConfig
-    print(json.dumps(DeceConfig.model_json_schema(), indent=2))
-    return 0
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -34,8 +29,6 @@ def _check_config(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dece-ds", description="DeCE loss for DeepSpeed training.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("config-schema", help="print the JSON schema of the 'dece' config section")
-    p.set_defaults(func=_config_schema)
     p = sub.add_parser("check-config", help="validate the 'dece' section of a DeepSpeed JSON config")
     p.add_argument("path")
     p.set_defaults(func=_check_config)

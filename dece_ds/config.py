@@ -23,9 +23,7 @@ Reduction = Literal["mean", "sum", "none"]
 PRESETS: dict[str, dict[str, Any]] = {
     # The released code's defaults (arXiv 2407.08956).
     "paper": {"alpha_base": 0.99, "label_smoothing": 0.05, "prob_floor": 1e-7, "schedule": "epoch"},
-    # Measured on Lyra (README, "Backdoor evaluation"): <= 0.6 % ASR for every attack, rate and setting
-    # tried; BLEU 0.3-0.44 below CE at BadPre x3 10 %, 1.2-2.4 below at lower rates and RIPPLe (one run
-    # each); 0.99 failed (61 % ASR), 0.98 let 0.6 % by at a larger BLEU cost.
+    # The alpha_base chosen by the backdoor evaluation: see docs/backdoor.md ("What was chosen, and why").
     "backdoor_guard": {"alpha_base": 0.97, "label_smoothing": 0.05, "prob_floor": 1e-7, "schedule": "epoch"},
 }
 Preset = Literal[tuple(PRESETS)]  # the names above, nothing else
@@ -75,7 +73,7 @@ class DeceConfig(BaseModel):
 
     preset: Preset | None = Field(
         None, description="Named setting (dece_ds.config.PRESETS) that fills the fields not given: 'paper' "
-                          "(alpha_base 0.99) or 'backdoor_guard' (alpha_base 0.97, the README's measured choice).")
+                          "(alpha_base 0.99) or 'backdoor_guard' (alpha_base 0.97, chosen in docs/backdoor.md).")
 
     @model_validator(mode="before")
     @classmethod

@@ -223,7 +223,7 @@ def test_shipped_ds_configs_load(path):
 # --- CLI ------------------------------------------------------------------------------------------------
 
 def test_cli_config_schema(capsys):
-    assert main(["config-schema"]) == 0
+    assert main(["config-schema", "--json"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert schema["type"] == "object"
     assert schema["additionalProperties"] is False
