@@ -19,6 +19,7 @@ A process killed in step 1 leaves only its ``.tmp-`` folder behind: never read, 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ from typing import Callable
 
 MARKER = "complete.json"
 _ATTEMPTS = 5
+_IN_THE_WAY = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)  # rename: something at the target
 
 
 def is_complete(folder: Path) -> bool:
@@ -56,10 +58,10 @@ def _rename_into_place(tmp: Path, folder: Path) -> bool:
         try:
             os.rename(tmp, folder)
             return True
-        except OSError:
+        except OSError as e:
             if is_complete(folder):
                 return False  # a racer with the same key won
-            if not folder.exists() and not os.path.lexists(folder):
+            if e.errno not in _IN_THE_WAY and not os.path.lexists(folder):
                 raise  # not a collision: a real error (permissions, file system)
         _move_aside(folder)
     raise RuntimeError(f"cache entry {folder}: could not be put in place after {_ATTEMPTS} attempts "

@@ -15,8 +15,7 @@ import torch
 
 from dece_ds.backdoor import cache
 from dece_ds.backdoor.experiment import ExperimentConfig
-from dece_ds.backdoor.runner import pretrain_stand_in
-from dece_ds.backdoor.standin import WEIGHTS, load_stand_in, save_stand_in, stand_in_folder, stand_in_key
+from dece_ds.backdoor.standin import pretrain_stand_in, save_stand_in, stand_in_folder, stand_in_key
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[2]

@@ -9,7 +9,6 @@ these tests run, and fail, on the code before the fix too:
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
