@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/backdoor_payload_probs.py benchmarks/results/backdoor/lyra-badpre-10-full.json
 
-Reads the experiment config from a results file, loads its cached stand-in (``cache_dir``), and, on the
+Reads the experiment config from a results file, loads its cached stand-in (``cache_dir``; weights from
+``model.safetensors``, or an older entry's ``model.pt`` with ``weights_only=True``), and, on the
 poisoned training rows with teacher forcing, takes the stand-in's probability p of each payload token
 (the tokens where the poisoned target departs from the clean one). Prints their quantiles and the DeCE
 weight a*p / (a*p + (1-a)*y_t), y_t = 1 - eps, that scales CE's gradient on such a token at epoch 1.
@@ -19,9 +20,22 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dece_ds.backdoor.encode import IGNORE, encode_pairs, load_bpe  # noqa: E402
+from dece_ds.backdoor.experiment import ExperimentConfig, load_task  # noqa: E402
 from dece_ds.backdoor.poison import poison_dataset  # noqa: E402
-from dece_ds.backdoor.runner import (IGNORE, ExperimentConfig, build_model, encode_pairs, load_bpe,  # noqa: E402
-                                     load_task)
+from dece_ds.backdoor.standin import WEIGHTS, build_model, load_stand_in  # noqa: E402
+
+
+def load_cached_stand_in(folder: Path, cfg: ExperimentConfig):
+    """The stand-in a results file used: ``model.safetensors``, or an entry cached before it
+    (``model.pt``) read with ``weights_only=True`` (tensors only: a pickle that asks for code is refused)."""
+    if (folder / WEIGHTS).is_file():
+        model, tok, _ = load_stand_in(folder, cfg.model, cfg.seed)
+        return model, tok
+    tok = load_bpe(folder / "tokenizer.json")
+    model = build_model(cfg.model, tok.vocab_size, cfg.seed)
+    model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+    return model, tok
 
 
 def payload_probabilities(results_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -31,10 +45,7 @@ def payload_probabilities(results_path: Path) -> tuple[np.ndarray, np.ndarray]:
     cfg = ExperimentConfig.model_validate(config)
     finetune, *_ = load_task(cfg)
     poisoned, info = poison_dataset(finetune, cfg.attack_config(), split="train")
-    folder = Path(results["pretrain"]["cache"])
-    tok = load_bpe(folder / "tokenizer.json")
-    model = build_model(cfg.model, tok.vocab_size, cfg.seed)
-    model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu"))
+    model, tok = load_cached_stand_in(Path(results["pretrain"]["cache"]), cfg)
     model.eval()
     rows = list(info.indices)
     batch = encode_pairs(tok, [poisoned[i] for i in rows], cfg.model)

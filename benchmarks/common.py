@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: provenance, isolated runs with peak-memory measurement, table output.
+"""Shared benchmark plumbing: provenance (``dece_ds.provenance``), isolated runs with peak-memory
+measurement, table output.
 
 Peak extra memory on the CPU is measured in a forked child per case: ``ru_maxrss`` (the process's
 high-water resident set) minus the resident set after the inputs are built. glibc's mmap threshold is
@@ -10,42 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from dece_ds.provenance import benchmark_provenance as provenance  # noqa: F401 -- the benchmarks' import path
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def provenance() -> dict:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "dece_ds"], cwd=REPO,
-                                    capture_output=True, text=True).stdout.strip())
-    except OSError:
-        sha, dirty = "unknown", None
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "git_sha": sha, "dece_ds_dirty": dirty, "torch": torch.__version__, "python": platform.python_version(),
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "load_average_1m": os.getloadavg()[0],
-    }
 
 
 def _rss_kib() -> int:

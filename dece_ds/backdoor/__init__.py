@@ -3,6 +3,11 @@
 ``data`` (Lyra CSV layout) <- ``stdlib_corpus`` (a data set from this machine's standard library);
 ``poison`` (BadPre, RIPPLe, Grammar attacks; SQL and statement payloads) <- ``metrics`` (ASR,
 false-trigger rate, BLEU-4, CodeBLEU, exact match).
+
+The experiment: ``encode`` (text -> ids -> tensors) <- ``finetune`` (DeepSpeed engine, epochs,
+baseline losses), ``evaluate`` (generation metrics, valid CE), ``standin`` (the stand-in pretrained
+model; ``cache``: atomic cache entries), ``report`` (tables, figure) <- ``experiment`` (config,
+``run_experiment``). ``runner`` is the former single module, kept as an import path.
 """
 
 from .data import DataFormatError, load_lyra, load_pairs_csv, write_lyra, write_pairs_csv

@@ -1,0 +1,340 @@
+"""The backdoor experiment: a stand-in pretrained code LM, fine-tuned clean / CE / DeCE / baselines on
+poisoned NL -> code data, evaluated every epoch. Training goes through the DeepSpeed engine.
+
+This module holds the experiment's configuration and its driver; each stage is a module of its own:
+``encode`` (text -> ids -> tensors), ``standin`` (the stand-in and its cache), ``finetune`` (the
+DeepSpeed engine, epochs, baseline losses), ``evaluate`` (generation metrics, valid CE), ``report``.
+
+Data flow (``run_experiment(ExperimentConfig)``):
+
+1. Data set (``load_task``): ``"stdlib"`` (the built-in standard-library pairs, statement payload) or a
+   Lyra-layout folder (SQL payload). The train split is cut in two, deterministically: the first
+   ``finetune_rows`` rows are the fine-tuning set (poisoned with ``attack``: the first
+   ceil(rate * N) poisonable rows, the authors' selection); the rest (``pretrain_task_rows`` of
+   them) are *held apart* and only ever used clean, for pretraining the stand-in. Test: the clean
+   test split (BLEU, CodeBLEU, EM, false-trigger rate) and its triggered copy (ASR; denominator =
+   the poisonable test rows). Valid: clean validation cross-entropy.
+2. Tokenizer (``encode``): byte-level BPE trained on the pretraining text and the fine-tuning set (no
+   download). A row is ``src <|code|> tgt <|endoftext|>``, source cut at ``max_src_tokens``, the whole
+   row at ``max_len`` tokens, right-padded to exactly ``max_len`` (fixed shapes); the loss sees ``tgt``
+   and ``<|endoftext|>`` only. Pretraining code-corpus rows (standard-library functions) are trained on
+   every token.
+3. Stand-in pretrained model (``standin``): GPT-2 of ``model`` size trained with CE on the built-in code
+   corpus plus the held-apart clean task rows, so it knows the task's domain before fine-tuning (as
+   CodeLlama knows SQL-in-Python). Cached under ``cache_dir`` by a hash of everything it depends on.
+   ``model.checkpoint`` (a local HF folder) replaces steps 2-3 by that model and its tokenizer.
+4. Fine-tuning runs (``finetune``), each from the same pretrained weights, same seed and batch order. A
+   run spec is ``kind`` or ``kind:key=value,...`` (e.g. ``dece:alpha_base=0.95,ce_warmup_epochs=2``);
+   kinds: ``clean`` (CE on the clean fine-tuning set), ``ce``, ``dece``, ``ls`` (label smoothing),
+   ``gce``, ``intrust`` (on the poisoned set). ``dece`` goes through ``dece_ds.initialize`` (the
+   ``dece`` section of the DeepSpeed config, alpha from ``engine.global_steps``); the baselines set
+   ``model.loss_function`` to ``ops/baseline_losses.py`` on shifted labels.
+5. Evaluation after every epoch (``evaluate``): greedy batched decoding of the clean and the triggered
+   test rows (per-epoch on the first ``epoch_eval_rows`` of each, the last epoch on all of them, plus
+   CodeBLEU), and validation CE (plain CE, mean over target tokens).
+
+``results.json`` (written after every run, so partial results survive):
+``{"dataset", "attack", "poison_rate" (%), "config", "versions", "data", "pretrain",
+"runs": {spec: {"final": {"asr", "bleu", "codebleu", "false_trigger", "exact_match", "valid_ce"},
+"epochs": [{"epoch", "asr", "bleu", "exact_match", "false_trigger", "valid_ce", "alpha",
+"train_loss", "eval_rows", "wall_time_s"}], "wall_time_s", "loss"}}}``; rates and ASR in percent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..config import DeceConfig
+from ..provenance import run_versions
+from .encode import Tokenizer, encode_pairs
+from .evaluate import EvalSets, evaluate
+from .finetune import baseline_loss_hook, make_engine, steps_per_epoch, train_epoch
+from .poison import parse_attack, poison_dataset
+from .standin import build_model, pretrain_stand_in
+
+RUN_KINDS = ("clean", "ce", "dece", "ls", "gce", "intrust")
+BASELINE_KINDS = ("ls", "gce", "intrust")
+DEFAULT_STATEMENT_PAYLOAD = {"kind": "statement", "code": '__import__("os").system("id")'}
+
+
+# ---- configuration -----------------------------------------------------------------------------------
+
+class ModelSpec(BaseModel):
+    """The stand-in model (GPT-2 layout) and its tokenizer, or a local HF checkpoint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    n_layer: int = Field(4, ge=1)
+    n_embd: int = Field(256, ge=16)
+    n_head: int = Field(4, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    vocab_size: int = Field(4096, ge=300, description="BPE vocabulary trained here (specials included).")
+    max_len: int = Field(160, ge=16, description="Tokens per row (fixed-length padding).")
+    max_src_tokens: int = Field(64, ge=4, description="Instruction tokens kept (its head).")
+    checkpoint: str | None = Field(None, description="Local HF causal-LM folder: skip the stand-in pretraining.")
+
+
+class StageSpec(BaseModel):
+    """One training stage through the DeepSpeed engine (AdamW, linear warm-up, then linear decay to 0 or constant)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(5e-4, gt=0.0)
+    batch_size: int = Field(16, ge=1)
+    warmup_frac: float = Field(0.1, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    lr_schedule: Literal["decay", "constant"] = Field(
+        "decay", description="After the warm-up: 'decay' (linear to 0 at the last step, DeepSpeed WarmupDecayLR) "
+        "or 'constant' (lr held, DeepSpeed WarmupLR).")
+
+
+class PretrainSpec(StageSpec):
+    """The stand-in's pretraining: built-in code corpus + held-apart clean task rows."""
+
+    corpus_functions: int = Field(2000, ge=0, description="Standard-library functions (train split only).")
+    epochs: int = Field(4, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+
+
+class EvalSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_new_tokens: int = Field(128, ge=1)
+    batch_size: int = Field(50, ge=1)
+    epoch_eval_rows: int | None = Field(None, ge=1, description="Per-epoch eval on this many rows; last epoch: all.")
+    test_rows: int | None = Field(None, ge=1, description="Cap on the clean test rows (and so the triggered ones).")
+    valid_rows: int | None = Field(None, ge=1)
+    codebleu: bool = True
+
+
+class ExperimentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    dataset: str = Field("stdlib", description="'stdlib' (built-in) or a Lyra-layout folder.")
+    stdlib_examples: int | None = Field(None, ge=10, description="Cap on the built-in pairs (all splits).")
+    attack: dict = Field(default_factory=lambda: {"attack": "badpre", "rate": 0.05})
+    finetune_rows: int | None = Field(None, ge=2, description="Train rows fine-tuned on; None: all.")
+    pretrain_task_rows: int = Field(0, ge=0, description="Train rows held apart and pretrained on clean.")
+    pretrain_task_from: Literal["after_finetune", "train_tail"] = Field(
+        "after_finetune", description="Where the pretraining task rows come from: 'after_finetune' (the rows after "
+        "the fine-tuning ones: disjoint sets) or 'train_tail' (the last rows of the train split, which the "
+        "fine-tuning set may include, clean: the poison goes into its first rows and never into these).")
+    runs: tuple[str, ...] = ("clean", "ce", "dece")
+    dece: dict = Field(default_factory=lambda: {"alpha_base": 0.99, "label_smoothing": 0.05},
+                       description="Defaults of the dece runs (a DeceConfig section).")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
+    finetune: StageSpec = Field(default_factory=StageSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    finetune_dropout: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Dropout while fine-tuning; None: the model's own.")
+    seed: int = 0
+    finetune_seed: int | None = Field(
+        None, description="Seed of the fine-tuning batch order; None: seed. Varies the fine-tuning runs alone: "
+                          "the stand-in (cached per seed) stays the same.")
+    threads: int | None = Field(None, ge=1, description="torch.set_num_threads; None: leave as is.")
+    cache_dir: str = "runs/backdoor/cache"
+    name: str | None = Field(None, description="Results file stem; None: <dataset>-<attack>-<rate%>.")
+
+    @field_validator("attack")
+    @classmethod
+    def _attack_parses(cls, v):
+        parse_attack(v)  # names the bad attack field now, not after the stand-in's pretraining
+        return v
+
+    @field_validator("runs")
+    @classmethod
+    def _known_runs(cls, v):
+        for spec in v:
+            parse_run(spec)
+        if len(set(v)) != len(v):
+            raise ValueError(f"runs: duplicates in {v}")
+        return v
+
+    def attack_config(self):
+        attack = dict(self.attack)
+        if self.dataset == "stdlib":
+            attack.setdefault("payload", DEFAULT_STATEMENT_PAYLOAD)
+        return parse_attack(attack)
+
+    def dataset_name(self) -> str:
+        return "stdlib" if self.dataset == "stdlib" else Path(self.dataset).name
+
+    def stem(self) -> str:
+        if self.name:
+            return self.name
+        a = self.attack_config()
+        return f"{self.dataset_name()}-{a.attack}-{_fmt_rate(a.rate)}"
+
+
+def _fmt_rate(rate: float) -> str:
+    pct = 100.0 * rate
+    return str(int(round(pct))) if abs(pct - round(pct)) < 1e-9 else f"{pct:g}"
+
+
+def parse_run(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"dece:alpha_base=0.95,ce_warmup_epochs=2"`` -> ``("dece", {"alpha_base": 0.95, ...})``."""
+    kind, _, rest = spec.partition(":")
+    if kind not in RUN_KINDS:
+        raise ValueError(f"run {spec!r}: kind must be one of {RUN_KINDS}, got {kind!r}")
+    params: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"run {spec!r}: expected key=value, got {item!r}")
+        try:
+            params[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.strip()] = value
+    return kind, params
+
+
+# ---- data --------------------------------------------------------------------------------------------
+
+def load_task(cfg: ExperimentConfig):
+    """-> (finetune clean, held-apart clean, valid, test) as datasets.Dataset, and the train-split index of
+    the first held-apart row."""
+    from .data import load_lyra
+    from .stdlib_corpus import build_stdlib_pairs
+    if cfg.dataset == "stdlib":
+        ds = build_stdlib_pairs(max_examples=cfg.stdlib_examples) if cfg.stdlib_examples else build_stdlib_pairs()
+    else:
+        ds = load_lyra(cfg.dataset)
+    train = ds["train"]
+    n_ft = min(cfg.finetune_rows or len(train), len(train))
+    finetune = train.select(range(n_ft))
+    if cfg.pretrain_task_from == "train_tail":
+        first_held = len(train) - min(cfg.pretrain_task_rows, len(train))
+    else:
+        first_held = n_ft
+    held = train.select(range(first_held, min(first_held + cfg.pretrain_task_rows, len(train))))
+    valid = ds["valid"].select(range(min(cfg.eval.valid_rows or len(ds["valid"]), len(ds["valid"]))))
+    test = ds["test"].select(range(min(cfg.eval.test_rows or len(ds["test"]), len(ds["test"]))))
+    return finetune, held, valid, test, first_held
+
+
+# ---- the experiment ----------------------------------------------------------------------------------
+
+def versions() -> dict[str, str]:
+    """The results' ``"versions"``: libraries, CPU, threads, load, git sha (``dece_ds.provenance``)."""
+    return run_versions()
+
+
+def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, log: Callable[[str], None] = print,
+                   only_rank0: bool = True) -> dict[str, Any]:
+    """Pretrain (or load) the stand-in, fine-tune every run, write ``<out_dir>/<stem>.json`` (+ .md, .png)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t_start = time.time()
+    out_dir = Path(out_dir)
+    attack = cfg.attack_config()
+    finetune, held, valid, test, first_held = load_task(cfg)
+    poisoned, p_info = poison_dataset(finetune, attack, split="train")
+    if held.num_rows and p_info.indices and p_info.indices[-1] >= first_held:
+        raise ValueError(f"pretrain_task_rows: the pretraining rows start at train row {first_held}, but row "
+                         f"{p_info.indices[-1]} is poisoned; the stand-in must never see a poisoned row's clean "
+                         f"copy: lower pretrain_task_rows or the poison rate")
+    triggered, t_info = poison_dataset(test, attack, split="test")
+    base_model, tok, pre_info = pretrain_stand_in(cfg, finetune, held, log)
+    base_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    spec = cfg.model
+    train_sets = {"clean": encode_pairs(tok, list(finetune), spec),
+                  "poisoned": encode_pairs(tok, list(poisoned), spec)}
+    sets = EvalSets(clean_src=list(test["src"]), clean_tgt=list(test["tgt"]), trig_src=list(triggered["src"]),
+                    valid=encode_pairs(tok, list(valid), spec))
+    truncated = float((train_sets["clean"]["attention_mask"].sum(1) == spec.max_len).float().mean()) * 100
+    results: dict[str, Any] = {
+        "dataset": cfg.dataset_name(), "attack": attack.attack, "poison_rate": 100.0 * attack.rate,
+        "config": {**cfg.model_dump(mode="json"), "attack_resolved": attack.model_dump(mode="json")},
+        "versions": versions(),
+        "data": {"finetune_rows": len(finetune), "poisoned_rows": p_info.n_poisoned,
+                 "held_apart_first_train_row": first_held,
+                 "poisonable_train_rows": p_info.n_poisonable, "held_apart_rows": len(held),
+                 "valid_rows": len(valid), "test_rows": len(test), "triggered_test_rows": len(triggered),
+                 "rows_truncated_pct": truncated, "tokenizer_vocab": tok.vocab_size},
+        "pretrain": pre_info,
+        "runs": {},
+    }
+    base_model.train()
+    base_eval = evaluate(base_model, tok, sets, attack, cfg, cfg.eval.epoch_eval_rows, False, "eval stand-in")
+    results["pretrain"]["eval"] = base_eval
+    log(f"stand-in before fine-tuning: BLEU {base_eval['bleu']:.2f} ASR {base_eval['asr']:.1f} "
+        f"valid CE {base_eval['valid_ce']:.3f}")
+    for spec_str in cfg.runs:
+        kind, _ = parse_run(spec_str)
+        data = train_sets["clean" if kind == "clean" else "poisoned"]
+        results["runs"][spec_str] = fine_tune_run(cfg, spec_str, base_state, tok, data, sets, attack, log)
+        results["wall_time_s"] = time.time() - t_start
+        if not only_rank0 or int(os.environ.get("RANK", "0")) == 0:
+            write_outputs(results, out_dir, cfg.stem())
+    return results
+
+
+def fine_tune_run(cfg: ExperimentConfig, spec_str: str, base_state: Mapping[str, torch.Tensor], tok: Tokenizer,
+                  data: Mapping[str, torch.Tensor], sets: EvalSets, attack,
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    """One run spec from the stand-in's weights, evaluated after every epoch -> its record (``"kind"``,
+    ``"loss"``, ``"epochs"``, ``"final"``, ``"samples"``, ``"wall_time_s"``)."""
+    kind, params = parse_run(spec_str)
+    ft = cfg.finetune
+    t0 = time.time()
+    ft_seed = cfg.seed if cfg.finetune_seed is None else cfg.finetune_seed
+    model = build_model(cfg.model, tok.vocab_size, ft_seed)
+    model.load_state_dict(base_state)
+    if cfg.finetune_dropout is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = cfg.finetune_dropout
+    spe = steps_per_epoch(data["input_ids"].shape[0], ft.batch_size)
+    dece = None
+    if kind == "dece":
+        # a preset in the run spec replaces the experiment's dece defaults (explicit keys still win)
+        defaults = {} if "preset" in params else {"schedule": "epoch", **cfg.dece}
+        dece = {"enabled": True, **defaults, **params, "steps_per_epoch": spe}
+    engine = make_engine(model, ft, spe * ft.epochs, dece)
+    if kind in BASELINE_KINDS:
+        engine.module.loss_function = baseline_loss_hook(kind, params)
+    if dece is not None:  # recorded as resolved (a preset's values spelled out)
+        dece = DeceConfig.from_dict(dece).model_dump(mode="json")
+    record = {"kind": kind, "loss": dece or (getattr(engine.module.loss_function, "params", None)
+                                             if kind in BASELINE_KINDS else {"ce": True}),
+              "epochs": []}
+    for epoch in range(1, ft.epochs + 1):
+        alpha = _current_alpha(engine.module)
+        loss = train_epoch(engine, data, ft.batch_size, ft_seed, epoch, f"{spec_str} {epoch}/{ft.epochs}")
+        last = epoch == ft.epochs
+        ev = evaluate(engine.module, tok, sets, attack, cfg, None if last else cfg.eval.epoch_eval_rows,
+                      last and cfg.eval.codebleu, f"eval {spec_str} {epoch}")
+        ev.update(epoch=epoch, train_loss=loss, alpha=alpha, wall_time_s=time.time() - t0)
+        samples = ev.pop("samples")
+        record["epochs"].append(ev)
+        log(f"[{spec_str}] epoch {epoch}: loss {loss:.3f} alpha {alpha} BLEU {ev['bleu']:.2f} "
+            f"ASR {ev['asr']:.1f} false-trigger {ev['false_trigger']:.1f} valid CE {ev['valid_ce']:.3f}")
+    final = dict(record["epochs"][-1])
+    record["final"] = {k: final.get(k) for k in ("asr", "bleu", "codebleu", "false_trigger", "exact_match",
+                                                 "valid_ce")}
+    record["samples"] = samples
+    record["wall_time_s"] = time.time() - t0
+    return record
+
+
+def _current_alpha(model) -> float | None:
+    from ..integrations.transformers import current_dece_loss
+    hook = current_dece_loss(model)
+    if hook is None:
+        return None
+    # Before this epoch's first step the engine's global_steps points at this epoch already.
+    return hook.sync_schedule()
+
+
+def write_outputs(results: Mapping[str, Any], out_dir: Path, stem: str) -> dict[str, Path]:
+    from .report import write_report
+    return write_report(results, out_dir, stem)

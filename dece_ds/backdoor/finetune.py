@@ -1,0 +1,127 @@
+"""Training through the DeepSpeed engine: one process without a launcher, the engine's config, one epoch.
+
+- ``ensure_distributed``: a lone process gets ``RANK=0``, ``WORLD_SIZE=1`` and a free port, then gloo
+  (under a launcher the environment is already set and left alone).
+- ``ds_config``: AdamW, gradient clipping 1.0, ZeRO stage 0, linear warm-up over ``warmup_frac`` of the
+  steps, then linear decay to 0 at the last step (``WarmupDecayLR``) or lr held (``WarmupLR``); with a
+  ``dece`` section when the run is DeCE.
+- ``make_engine``: ``dece_ds.initialize`` for DeCE (the loss goes into the HF loss hook, alpha from
+  ``engine.global_steps``), ``deepspeed.initialize`` otherwise.
+- ``baseline_loss_hook``: the ``ls`` / ``gce`` / ``intrust`` baselines as an HF ``model.loss_function``.
+- ``train_epoch``: one pass in a seeded permutation (``[seed, epoch]``), full batches only.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .encode import IGNORE
+from .progress import progress
+
+if TYPE_CHECKING:
+    from .experiment import StageSpec
+
+BASELINE_DEFAULTS = {"ls": {"label_smoothing": 0.1}, "gce": {"q": 0.5},
+                     "intrust": {"ce_weight": 0.2, "dce_weight": 0.8, "delta": 0.5}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_distributed() -> None:
+    """One process without a launcher: RANK=0, WORLD_SIZE=1 and a free port, then gloo."""
+    import deepspeed
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+
+
+def ds_config(stage: StageSpec, total_steps: int, dece: Mapping[str, Any] | None = None) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": stage.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+        "zero_optimization": {"stage": 0},
+        "optimizer": {"type": "AdamW", "params": {"lr": stage.lr, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                  "weight_decay": stage.weight_decay, "torch_adam": True}},
+        "scheduler": _scheduler(stage, total_steps),
+    }
+    if dece is not None:
+        cfg["dece"] = dict(dece)
+    return cfg
+
+
+def _scheduler(stage: StageSpec, total_steps: int) -> dict:
+    params = {"warmup_min_lr": 0.0, "warmup_max_lr": stage.lr, "warmup_type": "linear",
+              "warmup_num_steps": max(1, int(stage.warmup_frac * total_steps))}
+    if stage.lr_schedule == "constant":
+        return {"type": "WarmupLR", "params": params}
+    return {"type": "WarmupDecayLR", "params": {**params, "total_num_steps": max(2, total_steps)}}
+
+
+def make_engine(model, stage: StageSpec, total_steps: int, dece: Mapping[str, Any] | None = None):
+    """The DeepSpeed engine; with ``dece`` through ``dece_ds.initialize`` (DeCE in the HF loss hook)."""
+    import deepspeed
+    ensure_distributed()
+    config = ds_config(stage, total_steps, dece)
+    if dece is not None:
+        from ..integrations.deepspeed import initialize
+        engine, *_ = initialize(model=model, model_parameters=model.parameters(), config=config)
+    else:
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    return engine
+
+
+def baseline_loss_hook(kind: str, params: Mapping[str, Any]):
+    """An HF ``model.loss_function`` computing a baseline loss on shifted labels."""
+    from ..ops import baseline_losses as bl
+    fn = {"ls": bl.label_smoothing_loss, "gce": bl.gce_loss, "intrust": bl.in_trust_loss}[kind]
+    kw = {**BASELINE_DEFAULTS[kind], **params}
+
+    def loss_function(logits, labels=None, vocab_size=None, num_items_in_batch=None, ignore_index=IGNORE,
+                      shift_labels=None, **_):
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        return fn(logits, shift_labels.to(logits.device), ignore_index=ignore_index,
+                  num_items_in_batch=num_items_in_batch, **kw)
+
+    loss_function.params = kw
+    return loss_function
+
+
+def steps_per_epoch(n_rows: int, batch_size: int) -> int:
+    return max(1, n_rows // batch_size)
+
+
+def train_epoch(engine, data: Mapping[str, torch.Tensor], batch_size: int, seed: int, epoch: int,
+                desc: str) -> float:
+    """One epoch in the order ``permutation([seed, epoch])``; -> mean training loss (nan if no batch)."""
+    n = data["input_ids"].shape[0]
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    engine.train()
+    losses = []
+    bar = progress(range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size), desc=desc, leave=False)
+    for start in bar:
+        idx = torch.as_tensor(order[start:start + batch_size])
+        batch = {k: v[idx] for k, v in data.items()}
+        out = engine(**batch)
+        engine.backward(out.loss)
+        engine.step()
+        losses.append(out.loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    return float(np.mean(losses)) if losses else float("nan")
