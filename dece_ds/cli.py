@@ -25,7 +25,7 @@ def _check_config(args: argparse.Namespace) -> int:
     try:
         cfg = DeceConfig.from_ds_config(args.path)
     except DeceConfigError as e:
-        print(e, file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(cfg.to_ds_section(), indent=2))
     return 0
@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("config-schema", help="print the JSON schema of the 'dece' config section")
     p.set_defaults(func=_config_schema)
-    p = sub.add_parser("check-config", help="validate the 'dece' section of a DeepSpeed JSON config")
-    p.add_argument("path")
+    p = sub.add_parser("check-config", help="validate the 'dece' section of a DeepSpeed JSON config "
+                                            "(exit 2 and an error naming the file or field if it does not)")
+    p.add_argument("path", help="DeepSpeed JSON config; no 'dece' section = disabled, \"dece\": {} = defaults")
     p.set_defaults(func=_check_config)
     for name in SUBCOMMAND_MODULES:
         try:
