@@ -33,7 +33,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("backdoor", help="backdoor attack/defense evaluation (clean / CE / DeCE / baselines)")
-    sub = p.add_subparsers(dest="backdoor_command", required=True)
+    sub = p.add_subparsers(dest="backdoor_command", required=True, metavar="{run,report}")
     r = sub.add_parser("run", help="pretrain the stand-in, fine-tune every run, write <out>/<stem>.json/.md/.png")
     r.add_argument("--config", help="ExperimentConfig JSON file (flags below override its fields)")
     r.add_argument("--dataset", help="'stdlib' (built-in) or a Lyra-layout folder (train/valid/test.csv)")
