@@ -169,16 +169,16 @@ class _DuplicateKey(ValueError):
     pass
 
 
-def read_json_object(path: str | os.PathLike, what: str = "DeepSpeed config") -> dict[str, Any]:
+def read_json_object(path: str | os.PathLike, what: str = "a DeepSpeed config") -> dict[str, Any]:
     """The JSON object in the file ``path``; ``DeceConfigError`` with one line naming the file otherwise.
 
     Refused, each with its own message: a missing file, a folder, an unreadable file, bytes that are not
     UTF-8, an empty file, invalid JSON (line and column), a key given twice in one object (DeepSpeed's
     own loader refuses that too), and a top level that is not an object (a list, a string, null, ...).
-    ``what`` names the expected content in the messages ("DeepSpeed config", "experiment config", ...).
+    ``what`` names the expected content in the messages ("a DeepSpeed config", "an experiment config").
     """
     path = Path(path)
-    expected = f"expected a {what} JSON file"
+    expected = f"expected {what} JSON file"
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -209,7 +209,7 @@ def read_json_object(path: str | os.PathLike, what: str = "DeepSpeed config") ->
 
 def read_ds_config(path: str | os.PathLike) -> dict[str, Any]:
     """A DeepSpeed JSON config file as a dict (``read_json_object``); the one reader every CLI uses."""
-    return read_json_object(path, "DeepSpeed config")
+    return read_json_object(path, "a DeepSpeed config")
 
 
 def format_validation_error(err: ValidationError, prefix: str) -> str:

@@ -158,7 +158,7 @@ def resolve_shape(model: str | os.PathLike) -> ModelShape:
         if not path.is_file():
             raise ValueError(f"model: {model}: a folder without a config.json")
     if path.is_file() or path.suffix == ".json":  # a .json that is missing or unreadable: say which
-        shape = shape_from_hf_config(read_json_object(path, "Hugging Face model config"), name=str(model))
+        shape = shape_from_hf_config(read_json_object(path, "a Hugging Face model config"), name=str(model))
         return replace(shape, name=Path(model).name if Path(model).name != "config.json" else Path(model).parent.name
                        or "config.json")
     raise ValueError(f"model: {model!r} is neither a built-in shape ({', '.join(BUILTIN_SHAPES)}) nor a "
