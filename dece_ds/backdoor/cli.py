@@ -204,6 +204,13 @@ def check_runs(cfg) -> None:
             raise CliError(f"--runs {spec!r}: {one_line(e)}") from None
 
 
+def check_model(cfg) -> None:
+    """The stand-in's shape, checked before the tokenizer is trained: ``CliError`` naming the flag."""
+    m = cfg.model
+    if not m.checkpoint and m.n_embd % m.n_head:
+        raise CliError(f"--width {m.n_embd}: must be a multiple of model.n_head ({m.n_head})")
+
+
 def check_paths(cfg, out: str) -> None:
     """The folders a run reads and writes, checked before any work: ``CliError`` naming the flag."""
     for flag, value in (("--out", out), ("--cache-dir", cfg.cache_dir)):
@@ -227,6 +234,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cfg = build_config(args)
         check_runs(cfg)
+        check_model(cfg)
         if not args.print_config:
             check_paths(cfg, args.out)
     except CliError as e:

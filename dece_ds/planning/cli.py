@@ -99,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"dece-ds plan: error: --tp: must divide --world-size ({args.world_size}), got {args.tp}",
               file=sys.stderr)
         return 2
+    if args.offload == "cpu" and args.zero_stage < 2:
+        print(f"dece-ds plan: error: --offload cpu: needs --zero-stage 2 or 3, got {args.zero_stage}", file=sys.stderr)
+        return 2
     try:
         inp = PlanInput(world_size=args.world_size, tp=args.tp, zero_stage=args.zero_stage, offload=args.offload,
                         micro_batch=args.micro_batch, seq_len=args.seq_len, dtype=args.dtype,

@@ -62,6 +62,7 @@ def test_good_run_specs_still_pass(capsys):
     (["--threads", "0"], "threads: Input should be greater than or equal to 1 (got 0)"),
     (["--rate", "x"], "argument --rate: invalid float value: 'x'"),
     (["--name", "../../x"], "name: must be a plain file name inside the output folder"),
+    (["--width", "30"], "--width 30: must be a multiple of model.n_head (4)"),
 ])
 def test_bad_numbers_and_names_are_one_line(capsys, flags, expected):
     assert_one_line(run_cli(capsys, "run", *flags, "--print-config"), "run", expected)

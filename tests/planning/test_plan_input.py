@@ -41,6 +41,12 @@ def test_tp_that_does_not_divide_names_both_flags(capsys):
     assert err == "dece-ds plan: error: --tp: must divide --world-size (8), got 3\n"
 
 
+def test_cpu_offload_below_stage_2_names_both_flags(capsys):
+    code, out, err = run_cli(capsys, "codellama-7b", "--offload", "cpu", "--zero-stage", "1")
+    assert (code, out) == (2, "")
+    assert err == "dece-ds plan: error: --offload cpu: needs --zero-stage 2 or 3, got 1\n"
+
+
 @pytest.mark.parametrize("field,value,expected", [
     ("world_size", 0, "world_size: must be >= 1, got 0"), ("tp", -1, "tp: must be >= 1, got -1"),
     ("micro_batch", 0, "micro_batch: must be >= 1, got 0"), ("seq_len", -3, "seq_len: must be >= 1, got -3"),
