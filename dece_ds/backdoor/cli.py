@@ -224,6 +224,13 @@ def check_paths(cfg, out: str) -> None:
         missing = [f for f in ("train.csv", "valid.csv", "test.csv") if not (folder / f).is_file()]
         if missing:
             raise CliError(f"--dataset {cfg.dataset}: missing {', '.join(missing)}")
+        for name in ("train.csv", "valid.csv", "test.csv"):  # the loader reads them as UTF-8
+            raw = (folder / name).read_bytes()
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CliError(f"--dataset {cfg.dataset}: {name}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                               f"offset {e.start})") from None
     ckpt = cfg.model.checkpoint
     if ckpt and not (Path(ckpt) / "config.json").is_file():
         raise CliError(f"--checkpoint {ckpt}: not a local Hugging Face model folder (no config.json in it)")

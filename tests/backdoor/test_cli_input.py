@@ -97,6 +97,19 @@ def test_missing_folders_fail_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_data_set_file_that_does_not_parse(tmp_path, capsys):
+    lyra = tmp_path / "lyra"
+    lyra.mkdir()
+    for split in ("train", "valid", "test"):
+        (lyra / f"{split}.csv").write_text("src,tgt\nfind x,select x\n")
+    (lyra / "test.csv").write_bytes("src,tgt\ncaf\u00e9,x\n".encode("latin-1"))
+    argv = ["run", "--dataset", str(lyra), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    assert_one_line(run_cli(capsys, *argv), "run", f"--dataset {lyra}: test.csv: not UTF-8 text (byte 0xe9")
+    (lyra / "test.csv").write_text("")  # found by the loader, the first thing a run does
+    assert_one_line(run_cli(capsys, *argv), "run", f"{lyra / 'test.csv'}: empty file, expected a header")
+    assert not (tmp_path / "out").exists()
+
+
 def test_report_bad_inputs(tmp_path, capsys):
     good = str(RESULTS / "lyra-badpre-10-C.json")
     (tmp_path / "other.json").write_text(json.dumps({"dataset": "lyra"}))
