@@ -246,10 +246,9 @@ def _run(args: argparse.Namespace) -> int:
             check_paths(cfg, args.out)
     except CliError as e:
         return _error("run", str(e))
-    except ValidationError as e:
-        where = f"{args.config}: " if args.config else ""
+    except ValidationError as e:  # a field from --config or a flag: the field path names it either way
         for line in validation_lines(e):
-            _error("run", where + line)
+            _error("run", line)
         return 2
     if args.print_config:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))

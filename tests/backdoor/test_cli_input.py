@@ -72,13 +72,22 @@ def test_bad_numbers_and_names_are_one_line(capsys, flags, expected):
     ({"finetune": 3}, "finetune: expected an object, got 3"),
     ({"attack": "badpre"}, "attack: expected an object, got 'badpre'"),
     ({"dece": None}, "dece: expected an object, got None"),
-    ({"seed": "x"}, "seed: Input should be a valid integer"),
 ])
 def test_config_file_sections_of_the_wrong_type(tmp_path, capsys, config, expected):
     path = tmp_path / "exp.json"
     path.write_text(json.dumps(config))
     assert_one_line(run_cli(capsys, "run", "--config", str(path), "--epochs", "2", "--print-config"), "run",
                     f"{path}: {expected}")
+
+
+def test_config_file_fields_are_named_one_per_line(tmp_path, capsys):
+    path = tmp_path / "exp.json"
+    path.write_text(json.dumps({"seed": "x", "epochz": 3}))
+    code, out, err = run_cli(capsys, "run", "--config", str(path), "--print-config")
+    assert (code, out) == (2, "")
+    assert err.splitlines() == ["dece-ds backdoor run: error: seed: Input should be a valid integer, unable to "
+                                "parse string as an integer (got 'x')",
+                                "dece-ds backdoor run: error: epochz: Extra inputs are not permitted (got 3)"]
 
 
 def test_missing_folders_fail_before_any_work(tmp_path, capsys):
