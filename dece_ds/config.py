@@ -156,6 +156,10 @@ def _json_kind(value: Any) -> str:
             dict: "an object"}.get(type(value), type(value).__name__)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
 def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
@@ -163,10 +167,6 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise _DuplicateKey(key)
         out[key] = value
     return out
-
-
-class _DuplicateKey(ValueError):
-    pass
 
 
 def read_json_object(path: str | os.PathLike, what: str = "a DeepSpeed config") -> dict[str, Any]:

@@ -111,7 +111,7 @@ def build_config(args: argparse.Namespace):
     for key in ("attack", "dece", "model", "pretrain", "finetune", "eval"):
         if key in base and not isinstance(base[key], dict):
             where = f"{args.config}: " if args.config else ""
-            raise CliError(f"{where}{key}: expected an object, got {base[key]!r}")
+            raise CliError(f"{where}{key}: expected an object, got {json.dumps(base[key])}")
     set_ = lambda path, value: _set(base, path, value)  # noqa: E731
     set_("dataset", args.dataset)
     if args.attack or args.rate is not None or args.n_insertions is not None:

@@ -70,8 +70,9 @@ def test_bad_numbers_and_names_are_one_line(capsys, flags, expected):
 
 @pytest.mark.parametrize("config,expected", [
     ({"finetune": 3}, "finetune: expected an object, got 3"),
-    ({"attack": "badpre"}, "attack: expected an object, got 'badpre'"),
-    ({"dece": None}, "dece: expected an object, got None"),
+    ({"attack": "badpre"}, 'attack: expected an object, got "badpre"'),
+    ({"dece": None}, "dece: expected an object, got null"),
+    ({"model": [1]}, "model: expected an object, got [1]"),
 ])
 def test_config_file_sections_of_the_wrong_type(tmp_path, capsys, config, expected):
     path = tmp_path / "exp.json"
