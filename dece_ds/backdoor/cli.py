@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -204,11 +205,18 @@ def check_runs(cfg) -> None:
             raise CliError(f"--runs {spec!r}: {one_line(e)}") from None
 
 
-def check_model(cfg) -> None:
-    """The stand-in's shape, checked before the tokenizer is trained: ``CliError`` naming the flag."""
+def check_values(cfg) -> None:
+    """Values the fields' bounds let through but the run would fail on later (after the tokenizer or the
+    pretraining): the stand-in's shape, negative seeds (numpy's generators refuse them), an infinite lr."""
     m = cfg.model
     if not m.checkpoint and m.n_embd % m.n_head:
         raise CliError(f"--width {m.n_embd}: must be a multiple of model.n_head ({m.n_head})")
+    for flag, seed in (("--seed", cfg.seed), ("--finetune-seed", cfg.finetune_seed)):
+        if seed is not None and seed < 0:
+            raise CliError(f"{flag}: must be >= 0, got {seed}")
+    for flag, lr in (("--lr", cfg.finetune.lr), ("pretrain.lr", cfg.pretrain.lr)):
+        if not math.isfinite(lr):
+            raise CliError(f"{flag}: must be finite, got {lr}")
 
 
 def check_paths(cfg, out: str) -> None:
@@ -241,7 +249,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cfg = build_config(args)
         check_runs(cfg)
-        check_model(cfg)
+        check_values(cfg)
         if not args.print_config:
             check_paths(cfg, args.out)
     except CliError as e:

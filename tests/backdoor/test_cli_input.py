@@ -63,6 +63,10 @@ def test_good_run_specs_still_pass(capsys):
     (["--rate", "x"], "argument --rate: invalid float value: 'x'"),
     (["--name", "../../x"], "name: must be a plain file name inside the output folder"),
     (["--width", "30"], "--width 30: must be a multiple of model.n_head (4)"),
+    (["--seed", "-1"], "--seed: must be >= 0, got -1"),
+    (["--finetune-seed", "-5"], "--finetune-seed: must be >= 0, got -5"),
+    (["--lr", "inf"], "--lr: must be finite, got inf"),
+    (["--lr", "nan"], "finetune.lr: Input should be greater than 0 (got nan)"),
 ])
 def test_bad_numbers_and_names_are_one_line(capsys, flags, expected):
     assert_one_line(run_cli(capsys, "run", *flags, "--print-config"), "run", expected)
