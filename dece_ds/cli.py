@@ -20,17 +20,26 @@ def _check_config(args: argparse.Namespace) -> int:
     try:
         cfg = DeceConfig.from_ds_config(args.path)
     except DeceConfigError as e:
-        print(e, file=sys.stderr)
+        print(f"dece-ds check-config: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(cfg.to_ds_section(), indent=2))
     return 0
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag prints one line (``dece-ds plan: error: argument --tp: ...``) and exits 2,
+    without the usage block that buries it; ``--help`` still prints the usage. Subcommand parsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dece-ds", description="DeCE loss for DeepSpeed training.")
+    parser = OneLineErrorParser(prog="dece-ds", description="DeCE loss for DeepSpeed training.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("check-config", help="validate the 'dece' section of a DeepSpeed JSON config")
-    p.add_argument("path")
+    p = sub.add_parser("check-config", help="validate the 'dece' section of a DeepSpeed JSON config "
+                                            "(exit 2 and an error naming the file or field if it does not)")
+    p.add_argument("path", help="DeepSpeed JSON config; no 'dece' section = disabled, \"dece\": {} = defaults")
     p.set_defaults(func=_check_config)
     for name in SUBCOMMAND_MODULES:
         try:

@@ -44,7 +44,10 @@ class DeceConfig(BaseModel):
     # strict: JSON true is not 1.0 and "yes" is not a bool (ints still pass as floats)
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    enabled: bool = Field(True, description="Use DeCE; false leaves the pipeline's own loss untouched.")
+    enabled: bool = Field(
+        True, description="Use DeCE; false leaves the pipeline's own loss untouched. In a DeepSpeed config: no "
+                          "'dece' section = disabled, \"dece\": {} = enabled with these defaults, \"dece\": null "
+                          "(or any non-object) = an error.")
     label_smoothing: float = Field(
         0.05, ge=0.0, lt=1.0,
         description="epsilon: the target keeps 1-eps, every other token gets eps/(V-1).")
@@ -97,31 +100,41 @@ class DeceConfig(BaseModel):
     def from_ds_config(cls, path_or_dict: str | os.PathLike | Mapping[str, Any] | None) -> "DeceConfig":
         """Read the top-level ``"dece"`` section of a DeepSpeed config (path to JSON, or a dict).
 
-        A config without the section gives ``DeceConfig(enabled=False)``. Raises ``DeceConfigError``
-        naming each bad field (``dece.<field>``) and the value it got.
+        One meaning everywhere (the CLI, the DeepSpeed and HF integrations, the launch scripts):
+
+        - no ``"dece"`` key (or ``path_or_dict=None``): ``DeceConfig(enabled=False)``, DeCE is off;
+        - ``"dece": {}``: enabled, every field at its default (``enabled`` defaults to true);
+        - ``"dece": {"enabled": false, ...}``: off, the other fields still validated;
+        - ``"dece": null`` or any other non-object: ``DeceConfigError`` naming ``dece`` (omit the section
+          or set ``enabled: false`` to disable; ``null`` is not a third way to say it).
+
+        A path is read by ``read_ds_config`` (one line naming the file when it is missing, a folder, not
+        UTF-8, not JSON, or not a JSON object). Raises ``DeceConfigError`` naming each bad field
+        (``dece.<field>``) and the value it got.
         """
         if path_or_dict is None:
             return cls(enabled=False)
         if isinstance(path_or_dict, (str, os.PathLike)):
-            path = Path(path_or_dict)
             try:
-                ds_config = json.loads(path.read_text())
-            except FileNotFoundError:
-                raise DeceConfigError(f"DeepSpeed config not found: {path}") from None
-            except json.JSONDecodeError as e:
-                raise DeceConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
-        elif isinstance(path_or_dict, Mapping):
-            ds_config = path_or_dict
-        else:
-            raise DeceConfigError(
-                f"ds_config: expected a path or a dict, got {type(path_or_dict).__name__}")
-        section = ds_config.get(DS_SECTION)
-        if section is None:
+                return cls._from_section(read_ds_config(path_or_dict))
+            except DeceConfigError as e:
+                where = f"{Path(path_or_dict)}: "
+                raise DeceConfigError(str(e) if str(e).startswith(where) else where + str(e)) from None
+        if isinstance(path_or_dict, Mapping):
+            return cls._from_section(path_or_dict)
+        raise DeceConfigError(f"ds_config: expected a path or a dict, got {type(path_or_dict).__name__}")
+
+    @classmethod
+    def _from_section(cls, ds_config: Mapping[str, Any]) -> "DeceConfig":
+        if DS_SECTION not in ds_config:
             return cls(enabled=False)
+        section = ds_config[DS_SECTION]
         if isinstance(section, DeceConfig):
             return section
         if not isinstance(section, Mapping):
-            raise DeceConfigError(f"dece: expected an object, got {section!r}")
+            got = "null" if section is None else repr(section)
+            raise DeceConfigError(f"{DS_SECTION}: expected an object; omit the section or set enabled: false "
+                                  f"to disable (got {got})")
         return cls.from_dict(section)
 
     @classmethod
@@ -135,6 +148,69 @@ class DeceConfig(BaseModel):
     def to_ds_section(self) -> dict[str, Any]:
         """The JSON-ready ``"dece"`` section that ``from_ds_config`` reads back to an equal config."""
         return self.model_dump(mode="json")
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def read_json_object(path: str | os.PathLike, what: str = "a DeepSpeed config") -> dict[str, Any]:
+    """The JSON object in the file ``path``; ``DeceConfigError`` with one line naming the file otherwise.
+
+    Refused, each with its own message: a missing file, a folder, an unreadable file, bytes that are not
+    UTF-8, an empty file, invalid JSON (line and column), a key given twice in one object (DeepSpeed's
+    own loader refuses that too), and a top level that is not an object (a list, a string, null, ...).
+    ``what`` names the expected content in the messages ("a DeepSpeed config", "an experiment config").
+    """
+    path = Path(path)
+    expected = f"expected {what} JSON file"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DeceConfigError(f"{path}: no such file ({expected})") from None
+    except IsADirectoryError:
+        raise DeceConfigError(f"{path}: is a directory ({expected})") from None
+    except PermissionError:
+        raise DeceConfigError(f"{path}: permission denied ({expected})") from None
+    except OSError as e:
+        raise DeceConfigError(f"{path}: cannot read it: {e.strerror or e} ({expected})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DeceConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                              f"{expected}") from None
+    if not text.strip():
+        raise DeceConfigError(f"{path}: empty file; {expected}")
+    try:
+        data = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+    except json.JSONDecodeError as e:
+        raise DeceConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except _DuplicateKey as e:
+        raise DeceConfigError(f"{path}: key {e.args[0]!r} appears twice in one JSON object") from None
+    if not isinstance(data, dict):
+        raise DeceConfigError(f"{path}: expected a JSON object at the top level, got {_json_kind(data)}")
+    return data
+
+
+def read_ds_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A DeepSpeed JSON config file as a dict (``read_json_object``); the one reader every CLI uses."""
+    return read_json_object(path, "a DeepSpeed config")
 
 
 def format_validation_error(err: ValidationError, prefix: str) -> str:

@@ -4,6 +4,7 @@ name the field (``dece.<field>``) and show the bad value; the ``dece-ds`` config
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from pydantic import ValidationError
 
 from dece_ds import DeceConfig, DeceConfigError
 from dece_ds.cli import main
+from dece_ds.config import read_ds_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,11 +192,12 @@ def test_missing_file(tmp_path):
     assert str(path) in str(e.value)
 
 
-@pytest.mark.parametrize("section", [[1, 2], "epoch", 0.99, True])
+@pytest.mark.parametrize("section", [[1, 2], "epoch", 0.99, True, None])
 def test_non_dict_section(section):
     with pytest.raises(DeceConfigError) as e:
         DeceConfig.from_ds_config({"dece": section})
-    assert "dece" in str(e.value) and repr(section) in str(e.value)
+    assert str(e.value).startswith("dece: expected an object; omit the section or set enabled: false")
+    assert ("null" if section is None else repr(section)) in str(e.value)
 
 
 def test_bad_argument_type():
@@ -212,12 +215,95 @@ def test_bad_field_in_file_names_it(tmp_path):
     assert "dece.sheduel" in msg
 
 
+# --- one meaning of the section: absent = off, {} = defaults, null = error --------------------------------
+
+def test_section_meanings_absent_empty_null(tmp_path):
+    assert DeceConfig.from_ds_config({"train_batch_size": 8}) == DeceConfig(enabled=False)
+    assert DeceConfig.from_ds_config({"dece": {}}) == DeceConfig()  # enabled, every default
+    assert DeceConfig.from_ds_config({"dece": {}}).enabled is True
+    assert DeceConfig.from_ds_config({"dece": {"enabled": False}}).enabled is False
+    with pytest.raises(DeceConfigError) as e:
+        DeceConfig.from_ds_config({"dece": None})
+    assert str(e.value) == ("dece: expected an object; omit the section or set enabled: false to disable "
+                            "(got null)")
+    path = tmp_path / "null_section.json"
+    path.write_text('{"train_batch_size": 8, "dece": null}')
+    with pytest.raises(DeceConfigError, match=rf"^{re.escape(str(path))}: dece: expected an object"):
+        DeceConfig.from_ds_config(path)
+
+
+def test_section_meanings_are_documented():
+    doc = DeceConfig.from_ds_config.__doc__
+    assert '"dece": {}' in doc and '"dece": null' in doc and "no ``\"dece\"`` key" in doc
+    description = DeceConfig.model_fields["enabled"].description
+    assert "no 'dece' section = disabled" in description and '"dece": null' in description
+
+
+# --- read_ds_config: one line naming the file -------------------------------------------------------------
+
+def bad_config_file(tmp_path: Path, kind: str) -> tuple[Path, str]:
+    """A bad DeepSpeed config file of the given kind and the part of the one-line message that names it."""
+    path = tmp_path / f"{kind}.json"
+    content, expected = {
+        "list": ("[1, 2]", "expected a JSON object at the top level, got a list"),
+        "string": ('"ds.json"', "expected a JSON object at the top level, got a string"),
+        "null": ("null", "expected a JSON object at the top level, got null"),
+        "number": ("3", "expected a JSON object at the top level, got a number"),
+        "invalid": ('{"dece": {"alpha_base": 0.9,}}', "invalid JSON at line 1 column 29: Expecting property name"),
+        "empty": ("  \n", "empty file; expected"),
+        "duplicate": ('{"dece": {}, "dece": {"enabled": false}}', "key 'dece' appears twice in one JSON object"),
+        "latin1": (None, "not UTF-8 text (byte 0xe9 at offset 16)"),
+        "directory": (None, "is a directory (expected"),
+        "missing": (None, "no such file (expected"),
+    }[kind]
+    if kind == "latin1":
+        path.write_bytes('{"comment": "caf\u00e9"}'.encode("latin-1"))
+    elif kind == "directory":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    return path, expected
+
+
+BAD_FILES = ["list", "string", "null", "number", "invalid", "empty", "duplicate", "latin1", "directory", "missing"]
+
+
+@pytest.mark.parametrize("kind", BAD_FILES)
+def test_read_ds_config_bad_file_is_one_line_naming_it(tmp_path, kind):
+    path, expected = bad_config_file(tmp_path, kind)
+    for read in (read_ds_config, DeceConfig.from_ds_config):
+        with pytest.raises(DeceConfigError) as e:
+            read(path)
+        msg = str(e.value)
+        assert msg.startswith(f"{path}: ") and expected in msg, msg
+        assert "\n" not in msg
+
+
+def test_read_ds_config_returns_the_object(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{"train_batch_size": 8, "dece": {}}')
+    assert read_ds_config(path) == read_ds_config(str(path)) == {"train_batch_size": 8, "dece": {}}
+
+
 SHIPPED = sorted(p for p in (REPO / "ds_configs").rglob("*.json"))
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO)) for p in SHIPPED])
 def test_shipped_ds_configs_load(path):
-    DeceConfig.from_ds_config(path)
+    """What each shipped file says is what DeceConfig holds. (tests/test_ds_configs.py checks the same files
+    against the engine's rules and DeepSpeed's own DeepSpeedConfig.)"""
+    raw = read_ds_config(path)  # an object, UTF-8, no key given twice
+    section = raw["dece"]
+    assert isinstance(section, dict), f"{path.name}: the dece section is an object"
+    cfg = DeceConfig.from_ds_config(path)
+    assert cfg.enabled is section.get("enabled", True)
+    for key, value in section.items():
+        assert getattr(cfg, key) == value, f"{path.name}: dece.{key}"
+    untouched = {k: v for k, v in cfg.model_dump().items() if k not in section}
+    assert untouched == {k: DEFAULTS[k] for k in untouched}, f"{path.name}: a field the file leaves out moved"
+    # fused_linear is not available with AutoTP's vocab-parallel lm_head (integrations/deepspeed.py refuses it)
+    if raw.get("tensor_parallel", {}).get("autotp_size", 1) > 1:
+        assert not cfg.fused_linear, f"{path.name}: fused_linear with autotp_size > 1"
 
 
 # --- CLI ------------------------------------------------------------------------------------------------
@@ -271,3 +357,24 @@ def test_cli_requires_a_command(capsys):
     with pytest.raises(SystemExit) as e:
         main([])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("kind", BAD_FILES)
+def test_cli_check_config_bad_file_is_one_line(tmp_path, capsys, kind):
+    path, expected = bad_config_file(tmp_path, kind)
+    assert main(["check-config", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"dece-ds check-config: error: {path}: ") and expected in err
+    assert err.count("\n") == 1, err
+
+
+def test_cli_check_config_null_section_is_an_error(tmp_path, capsys):
+    path = tmp_path / "ds.json"
+    path.write_text('{"dece": null}')
+    assert main(["check-config", str(path)]) == 2
+    assert capsys.readouterr().err == (f"dece-ds check-config: error: {path}: dece: expected an object; omit the "
+                                       "section or set enabled: false to disable (got null)\n")
+    path.write_text('{"dece": {}}')
+    assert main(["check-config", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out) == DeceConfig().to_ds_section()

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 
+PROG = "dece-ds backdoor"
+
+
 def _csv(text: str) -> tuple[str, ...]:
-    # run specs contain commas inside "kind:k=v,k=v": split on ';' if present, else on ','
-    # only between specs that start with a known kind.
-    from .runner import RUN_KINDS
+    """``--runs``: run specs contain commas inside "kind:k=v,k=v": split on ';' if present, else on ','
+    only between specs that start with a known kind. A bad spec is argparse's error naming ``--runs``."""
+    from .runner import RUN_KINDS, parse_run
     parts = text.split(";") if ";" in text else text.split(",")
     specs: list[str] = []
     for p in parts:
@@ -28,12 +32,19 @@ def _csv(text: str) -> tuple[str, ...]:
             specs[-1] += "," + p
         else:
             specs.append(p)
+    if not specs:
+        raise argparse.ArgumentTypeError(f"give at least one run spec ({', '.join(RUN_KINDS)}), got {text!r}")
+    for spec in specs:
+        try:
+            parse_run(spec)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
     return tuple(specs)
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("backdoor", help="backdoor attack/defense evaluation (clean / CE / DeCE / baselines)")
-    sub = p.add_subparsers(dest="backdoor_command", required=True)
+    sub = p.add_subparsers(dest="backdoor_command", required=True, metavar="{run,report}")
     r = sub.add_parser("run", help="pretrain the stand-in, fine-tune every run, write <out>/<stem>.json/.md/.png")
     r.add_argument("--config", help="ExperimentConfig JSON file (flags below override its fields)")
     r.add_argument("--dataset", help="'stdlib' (built-in) or a Lyra-layout folder (train/valid/test.csv)")
@@ -85,9 +96,23 @@ def add_parser(subparsers) -> None:
     rep.set_defaults(func=_report)
 
 
+class CliError(ValueError):
+    """A bad input the CLI reports as one line (``dece-ds backdoor <cmd>: error: ...``) and exit 2."""
+
+
 def build_config(args: argparse.Namespace):
+    """The ExperimentConfig from ``--config`` (a JSON object) and the flags; ``CliError`` for an unreadable
+    file or a section of the wrong type, pydantic's ``ValidationError`` for a bad field."""
+    from ..config import DeceConfigError, read_json_object
     from .runner import ExperimentConfig
-    base = json.loads(Path(args.config).read_text()) if args.config else {}
+    try:
+        base = read_json_object(args.config, "an experiment config") if args.config else {}
+    except DeceConfigError as e:
+        raise CliError(f"--config {e}") from None
+    for key in ("attack", "dece", "model", "pretrain", "finetune", "eval"):
+        if key in base and not isinstance(base[key], dict):
+            where = f"{args.config}: " if args.config else ""
+            raise CliError(f"{where}{key}: expected an object, got {json.dumps(base[key])}")
     set_ = lambda path, value: _set(base, path, value)  # noqa: E731
     set_("dataset", args.dataset)
     if args.attack or args.rate is not None or args.n_insertions is not None:
@@ -129,20 +154,122 @@ def _set(d: dict, path: str, value) -> None:
     d[leaf] = value
 
 
+def _error(command: str, message: str) -> int:
+    print(f"{PROG} {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def validation_lines(err) -> list[str]:
+    """pydantic's ``ValidationError`` as one line per error: ``field.path: message (got value)``."""
+    lines = []
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"])
+        msg = item["msg"].removeprefix("Value error, ")
+        if loc and msg.startswith(f"{loc}: "):
+            msg = msg[len(loc) + 2:]
+        if item["type"] != "value_error":  # our validators' messages show the value already
+            got = repr(item.get("input"))
+            msg += f" (got {got if len(got) <= 80 else got[:77] + '...'})"
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return lines
+
+
+def check_runs(cfg) -> None:
+    """Each run's loss settings, checked now rather than after the stand-in's pretraining: a ``dece`` run's
+    resolved section as ``runner.run_experiment`` builds it (the engine's rules included), a baseline's
+    parameters by calling its loss once on a 1-token batch. ``CliError`` naming the run spec."""
+    import torch
+
+    from ..config import DeceConfigError
+    from ..integrations.deepspeed import dece_config_for_engine
+    from .runner import baseline_loss_hook, parse_run
+
+    def one_line(e: Exception) -> str:
+        lines = [ln.strip() for ln in str(e).splitlines()]
+        return "; ".join(lines[1:] if len(lines) > 1 else lines)
+
+    for spec in cfg.runs:
+        kind, params = parse_run(spec)
+        try:
+            if kind == "dece":  # as run_experiment resolves it (steps_per_epoch is known there)
+                defaults = {} if "preset" in params else {"schedule": "epoch", **cfg.dece}
+                dece_config_for_engine({"dece": {"enabled": True, **defaults, **params, "steps_per_epoch": 1}})
+            elif kind in ("ls", "gce", "intrust"):
+                for key, value in params.items():
+                    if not isinstance(value, (int, float)) or isinstance(value, bool):
+                        raise ValueError(f"{key}: expected a number, got {value!r}")
+                baseline_loss_hook(kind, params)(torch.zeros(1, 2, 3), labels=torch.zeros(1, 2, dtype=torch.long))
+            elif params:
+                raise ValueError(f"takes no parameters, got {params}")
+        except (DeceConfigError, ValueError, TypeError) as e:
+            raise CliError(f"--runs {spec!r}: {one_line(e)}") from None
+
+
+def check_values(cfg) -> None:
+    """Values the fields' bounds let through but the run would fail on later (after the tokenizer or the
+    pretraining): the stand-in's shape, negative seeds (numpy's generators refuse them), an infinite lr."""
+    m = cfg.model
+    if not m.checkpoint and m.n_embd % m.n_head:
+        raise CliError(f"--width {m.n_embd}: must be a multiple of model.n_head ({m.n_head})")
+    for flag, seed in (("--seed", cfg.seed), ("--finetune-seed", cfg.finetune_seed)):
+        if seed is not None and seed < 0:
+            raise CliError(f"{flag}: must be >= 0, got {seed}")
+    for flag, lr in (("--lr", cfg.finetune.lr), ("pretrain.lr", cfg.pretrain.lr)):
+        if not math.isfinite(lr):
+            raise CliError(f"{flag}: must be finite, got {lr}")
+
+
+def check_paths(cfg, out: str) -> None:
+    """The folders a run reads and writes, checked before any work: ``CliError`` naming the flag."""
+    for flag, value in (("--out", out), ("--cache-dir", cfg.cache_dir)):
+        if Path(value).exists() and not Path(value).is_dir():
+            raise CliError(f"{flag} {value}: exists and is not a folder")
+    if cfg.dataset != "stdlib":
+        folder = Path(cfg.dataset)
+        if not folder.is_dir():
+            raise CliError(f"--dataset {cfg.dataset}: not 'stdlib' and not a folder (expected a Lyra-layout "
+                           "folder with train.csv, valid.csv, test.csv)")
+        missing = [f for f in ("train.csv", "valid.csv", "test.csv") if not (folder / f).is_file()]
+        if missing:
+            raise CliError(f"--dataset {cfg.dataset}: missing {', '.join(missing)}")
+        for name in ("train.csv", "valid.csv", "test.csv"):  # the loader reads them as UTF-8
+            raw = (folder / name).read_bytes()
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CliError(f"--dataset {cfg.dataset}: {name}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                               f"offset {e.start})") from None
+    ckpt = cfg.model.checkpoint
+    if ckpt and not (Path(ckpt) / "config.json").is_file():
+        raise CliError(f"--checkpoint {ckpt}: not a local Hugging Face model folder (no config.json in it)")
+
+
 def _run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
     try:
         cfg = build_config(args)
-    except ValidationError as e:
-        print(f"dece-ds backdoor run: invalid experiment config: {e}", file=sys.stderr)
+        check_runs(cfg)
+        check_values(cfg)
+        if not args.print_config:
+            check_paths(cfg, args.out)
+    except CliError as e:
+        return _error("run", str(e))
+    except ValidationError as e:  # a field from --config or a flag: the field path names it either way
+        for line in validation_lines(e):
+            _error("run", line)
         return 2
     if args.print_config:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
     from ..parallel.shutdown import destroy_process_group
+    from .data import DataFormatError
     from .runner import run_experiment
-    results = run_experiment(cfg, args.out)
-    destroy_process_group()
+    try:
+        results = run_experiment(cfg, args.out)
+    except DataFormatError as e:  # a data set file that does not parse: found before any training
+        return _error("run", str(e))
+    finally:
+        destroy_process_group()
     from .report import combined_table
     print(combined_table([results]))
     print(f"report: {Path(args.out) / cfg.stem()}.json / .md / .png")
@@ -150,16 +277,24 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import combined_table, load_results, merge_results, write_report
-    loaded = load_results(args.results)
-    if args.merge:
-        merged = merge_results(loaded)
+    from .report import check_stem, combined_table, load_results, merge_results, write_report
+    try:
+        if args.merge:
+            check_stem(args.merge, "--merge")
+        loaded = load_results(args.results)
+        merged = merge_results(loaded) if args.merge else None
+    except ValueError as e:  # DeceConfigError (an unreadable file) is one
+        return _error("report", str(e))
+    if merged is not None:
         paths = write_report(merged, Path(args.results[0]).parent, args.merge)
         print("merged:", ", ".join(str(p) for p in paths.values()))
         loaded = [merged]
     table = combined_table(loaded) + "\n"
     if args.out:
-        Path(args.out).write_text(table)
+        try:
+            Path(args.out).write_text(table)
+        except OSError as e:
+            return _error("report", f"--out {args.out}: cannot write it: {e.strerror or e}")
     else:
         sys.stdout.write(table)
     return 0

@@ -144,6 +144,12 @@ class ExperimentConfig(BaseModel):
     cache_dir: str = "runs/backdoor/cache"
     name: str | None = Field(None, description="Results file stem; None: <dataset>-<attack>-<rate%>.")
 
+    @field_validator("name")
+    @classmethod
+    def _name_stays_in_out(cls, v):
+        from .report import check_stem
+        return v if v is None else check_stem(v)  # the results files are <out>/<name>.json/.md/.png
+
     @field_validator("attack")
     @classmethod
     def _attack_parses(cls, v):

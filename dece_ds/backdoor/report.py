@@ -24,6 +24,15 @@ def run_label(spec: str) -> str:
     return f"{label} ({params})" if params else label
 
 
+def check_stem(stem: str, field: str = "name") -> str:
+    """``stem`` if it is a plain file name that stays inside the output folder; ``ValueError`` naming
+    ``field`` otherwise (a path separator, ``..``, empty, a leading dot, a NUL byte)."""
+    if not stem.strip() or stem.startswith(".") or any(c in stem for c in "/\\\0"):  # ".." starts with "."
+        raise ValueError(f"{field}: must be a plain file name inside the output folder (no '/' or '\\', "
+                         f"not empty, not starting with '.'), got {stem!r}")
+    return stem
+
+
 def _f(x, digits: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
@@ -160,5 +169,19 @@ def merge_results(results_list: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return first
 
 
+RESULTS_KEYS = ("dataset", "attack", "poison_rate", "runs")
+
+
 def load_results(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
-    return [json.loads(Path(p).read_text()) for p in paths]
+    """The results dicts of ``run_experiment``; ``DeceConfigError`` (a ``ValueError``) naming a file that is
+    unreadable, not a JSON object, or without the results keys (``RESULTS_KEYS``, ``runs`` an object)."""
+    from ..config import DeceConfigError, read_json_object
+    loaded = []
+    for p in paths:
+        results = read_json_object(p, "a backdoor results")
+        missing = [k for k in RESULTS_KEYS if k not in results]
+        if missing or not isinstance(results["runs"], dict):
+            raise DeceConfigError(f"{p}: not a results file of 'dece-ds backdoor run' "
+                                  f"({'missing ' + ', '.join(missing) if missing else 'runs is not an object'})")
+        loaded.append(results)
+    return loaded

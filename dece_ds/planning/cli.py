@@ -15,18 +15,29 @@ import sys
 GIB = 2**30
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type of the count flags: argparse names the flag (``argument --world-size: ...``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("plan", help="per-GPU memory (params, grads, optimizer, activations, CE/DeCE/"
                                            "fused logits) and loss collectives of a DeepSpeed run")
     p.add_argument("models", nargs="*", help="built-in shape name, or a local HF config.json (or its folder)")
     p.add_argument("--list", action="store_true", help="list the built-in model shapes and exit")
-    p.add_argument("--world-size", type=int, default=8, help="GPUs in the run (default 8)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (AutoTP, vocab-parallel head)")
+    p.add_argument("--world-size", type=_at_least_one, default=8, help="GPUs in the run (default 8)")
+    p.add_argument("--tp", type=_at_least_one, default=1, help="tensor-parallel size (AutoTP, vocab-parallel head)")
     p.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3])
     p.add_argument("--offload", choices=["none", "cpu"], default="none",
                    help="cpu: optimizer (and at stage 3 the parameters) on the host")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-step")
-    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--micro-batch", type=_at_least_one, default=1, help="sequences per GPU per micro-step")
+    p.add_argument("--seq-len", type=_at_least_one, default=4096)
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--activation-checkpointing", action="store_true", help="keep only each layer's input")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
@@ -81,15 +92,23 @@ def run(args: argparse.Namespace) -> int:
                   f"tied={s.tie_embeddings}")
         return 0
     if not args.models:
-        print("error: plan: give a model (built-in name or config.json); --list shows the names", file=sys.stderr)
+        print("dece-ds plan: error: give a model (built-in name or config.json); --list shows the names",
+              file=sys.stderr)
+        return 2
+    if args.world_size % args.tp:
+        print(f"dece-ds plan: error: --tp: must divide --world-size ({args.world_size}), got {args.tp}",
+              file=sys.stderr)
+        return 2
+    if args.offload == "cpu" and args.zero_stage < 2:
+        print(f"dece-ds plan: error: --offload cpu: needs --zero-stage 2 or 3, got {args.zero_stage}", file=sys.stderr)
         return 2
     try:
         inp = PlanInput(world_size=args.world_size, tp=args.tp, zero_stage=args.zero_stage, offload=args.offload,
                         micro_batch=args.micro_batch, seq_len=args.seq_len, dtype=args.dtype,
                         activation_checkpointing=args.activation_checkpointing)
         plans = [plan(resolve_shape(m), inp) for m in args.models]
-    except (ValueError, KeyError) as e:
-        print(f"error: plan: {e}", file=sys.stderr)
+    except ValueError as e:  # DeceConfigError (an unreadable config.json) is one
+        print(f"dece-ds plan: error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps([p.as_dict() for p in plans], indent=2))

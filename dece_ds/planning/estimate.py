@@ -80,7 +80,13 @@ class PlanInput:
     activation_checkpointing: bool = False
 
     def __post_init__(self):
-        if self.world_size < 1 or self.tp < 1 or self.world_size % self.tp:
+        for name in ("world_size", "tp", "micro_batch", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name}: must be >= 1, got {value}")
+        if self.world_size % self.tp:
             raise ValueError(f"tp: must divide world_size ({self.world_size}), got {self.tp}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage: 0, 1, 2 or 3, got {self.zero_stage}")
@@ -90,8 +96,6 @@ class PlanInput:
             raise ValueError(f"offload: 'cpu' needs zero_stage 2 or 3, got {self.zero_stage}")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype: one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
-        if self.micro_batch < 1 or self.seq_len < 1:
-            raise ValueError(f"micro_batch, seq_len: positive, got {self.micro_batch}, {self.seq_len}")
 
     @property
     def dp(self) -> int:

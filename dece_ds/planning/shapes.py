@@ -14,7 +14,6 @@ Architecture flags decide the parameter count and the activation count:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -109,39 +108,57 @@ GELU_MODEL_TYPES = {"starcoder2", "gpt_bigcode", "gpt2", "gpt_neox", "phi"}
 
 def shape_from_hf_config(config: dict, name: str = "config.json") -> ModelShape:
     """A ``ModelShape`` from the fields of an HF ``config.json`` (Llama/Qwen2/Mistral/StarCoder2 keys)."""
+    def count(key, value):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: {key}: expected an integer >= 1, got {value!r}")
+        return value
+
     def need(*keys):
         for k in keys:
             if config.get(k) is not None:
-                return config[k]
-        raise KeyError(f"{name}: none of {list(keys)} in the config (keys: {sorted(config)})")
+                return count(k, config[k])
+        raise ValueError(f"{name}: none of {list(keys)} in the config (keys: {sorted(config)})")
+
+    def optional(*keys):
+        for k in keys:
+            if config.get(k) is not None:
+                return count(k, config[k])
+        return None
 
     model_type = config.get("model_type", "")
-    h = int(need("hidden_size", "n_embd"))
-    heads = int(need("num_attention_heads", "n_head"))
+    h = need("hidden_size", "n_embd")
+    heads = need("num_attention_heads", "n_head")
     gated = model_type not in GELU_MODEL_TYPES
-    inter = config.get("intermediate_size") or config.get("n_inner") or 4 * h
+    inter = optional("intermediate_size", "n_inner") or 4 * h
     starcoder_like = model_type in ("starcoder2", "gpt_bigcode", "gpt2")
     return ModelShape(
-        name=name, hidden_size=h, num_layers=int(need("num_hidden_layers", "n_layer")), num_heads=heads,
-        num_kv_heads=int(config.get("num_key_value_heads") or heads), intermediate_size=int(inter),
-        vocab_size=int(need("vocab_size")), tie_embeddings=bool(config.get("tie_word_embeddings", True)),
+        name=name, hidden_size=h, num_layers=need("num_hidden_layers", "n_layer"), num_heads=heads,
+        num_kv_heads=optional("num_key_value_heads") or heads, intermediate_size=inter,
+        vocab_size=need("vocab_size"), tie_embeddings=bool(config.get("tie_word_embeddings", True)),
         gated_mlp=gated, qkv_bias=bool(config.get("attention_bias", model_type == "qwen2")),
         all_bias=bool(config.get("use_bias", starcoder_like)),
         norm="layer" if starcoder_like or model_type in ("gpt_neox", "phi") else "rms",
-        head_dim=config.get("head_dim"))
+        head_dim=optional("head_dim"))
 
 
 def resolve_shape(model: str | os.PathLike) -> ModelShape:
-    """A built-in name (or its hub id), a ``config.json`` path, or a folder holding one."""
+    """A built-in name (or its hub id), a ``config.json`` path, or a folder holding one.
+
+    Raises ``ValueError`` naming the model or file: an unknown name, a folder without ``config.json``, a
+    ``.json`` that is missing, unreadable or not a JSON object (``dece_ds.config.read_json_object``), a
+    config whose sizes are missing or not integers >= 1."""
     key = str(model).lower()
     key = ALIASES.get(key, key)
     if key in BUILTIN_SHAPES:
         return BUILTIN_SHAPES[key]
+    from ..config import read_json_object
     path = Path(model)
     if path.is_dir():
         path = path / "config.json"
-    if path.is_file():
-        shape = shape_from_hf_config(json.loads(path.read_text()), name=str(model))
+        if not path.is_file():
+            raise ValueError(f"model: {model}: a folder without a config.json")
+    if path.is_file() or path.suffix == ".json":  # a .json that is missing or unreadable: say which
+        shape = shape_from_hf_config(read_json_object(path, "a Hugging Face model config"), name=str(model))
         return replace(shape, name=Path(model).name if Path(model).name != "config.json" else Path(model).parent.name
                        or "config.json")
     raise ValueError(f"model: {model!r} is neither a built-in shape ({', '.join(BUILTIN_SHAPES)}) nor a "

@@ -216,3 +216,18 @@ def test_finetune_lr_schedule_after_the_warm_up(schedule):
     else:
         assert seen[warm + (total - warm) // 2] == pytest.approx(1e-2 * 0.5, rel=0.1)
         assert seen[-1] == pytest.approx(1e-2 / (total - warm))  # one step before 0
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", "a/b", "/abs", "a\\b", "", "   ", ".hidden", "x\0y"])
+def test_experiment_name_must_stay_inside_out(tmp_path, name):
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError) as e:
+        tiny_config(tmp_path, name=name)
+    (err,) = e.value.errors()
+    assert err["loc"] == ("name",) and "must be a plain file name inside the output folder" in err["msg"]
+    assert repr(name) in err["msg"]
+
+
+@pytest.mark.parametrize("name", ["tiny", "lyra-badpre-10-C-x3", "a..b", "run_1.v2", None])
+def test_plain_experiment_names_still_pass(tmp_path, name):
+    assert tiny_config(tmp_path, name=name).name == name
