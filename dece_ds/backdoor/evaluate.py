@@ -37,9 +37,10 @@ def valid_ce(model, data: Mapping[str, torch.Tensor], batch_size: int = 50) -> f
     """Plain CE (nats per target token) of the clean validation rows."""
     was = model.training
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for s in range(0, data["input_ids"].shape[0], batch_size):
-        ids, mask, labels = (data[k][s:s + batch_size] for k in ("input_ids", "attention_mask", "labels"))
+        ids, mask, labels = (data[k][s:s + batch_size].to(device) for k in ("input_ids", "attention_mask", "labels"))
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         tgt = labels[:, 1:]
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),

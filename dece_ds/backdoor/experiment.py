@@ -27,8 +27,9 @@ Data flow (``run_experiment(ExperimentConfig)``):
    run spec is ``kind`` or ``kind:key=value,...`` (e.g. ``dece:alpha_base=0.95,ce_warmup_epochs=2``);
    kinds: ``clean`` (CE on the clean fine-tuning set), ``ce``, ``dece``, ``ls`` (label smoothing),
    ``gce``, ``intrust`` (on the poisoned set). ``dece`` goes through ``dece_ds.initialize`` (the
-   ``dece`` section of the DeepSpeed config, alpha from ``engine.global_steps``); the baselines set
-   ``model.loss_function`` to ``ops/baseline_losses.py`` on shifted labels.
+   ``dece`` section of the DeepSpeed config, alpha from ``engine.global_steps``); the baselines are
+   installed as ``model.loss_function`` through the same hook machinery (``FunctionLossHook`` over
+   ``ops/baseline_losses.py``, the same label shift).
 5. Evaluation after every epoch (``evaluate``): greedy batched decoding of the clean and the triggered
    test rows (per-epoch on the first ``epoch_eval_rows`` of each, the last epoch on all of them, plus
    CodeBLEU), and validation CE (plain CE, mean over target tokens).
@@ -307,7 +308,7 @@ def fine_tune_run(cfg: ExperimentConfig, spec_str: str, base_state: Mapping[str,
         dece = {"enabled": True, **defaults, **params, "steps_per_epoch": spe}
     engine = make_engine(model, ft, spe * ft.epochs, dece)
     if kind in BASELINE_KINDS:
-        engine.module.loss_function = baseline_loss_hook(kind, params)
+        baseline_loss_hook(kind, params).install(engine.module)
     if dece is not None:  # recorded as resolved (a preset's values spelled out)
         dece = DeceConfig.from_dict(dece).model_dump(mode="json")
     record = {"kind": kind, "loss": dece or (getattr(engine.module.loss_function, "params", None)

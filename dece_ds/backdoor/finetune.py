@@ -7,8 +7,10 @@
   ``dece`` section when the run is DeCE.
 - ``make_engine``: ``dece_ds.initialize`` for DeCE (the loss goes into the HF loss hook, alpha from
   ``engine.global_steps``), ``deepspeed.initialize`` otherwise.
-- ``baseline_loss_hook``: the ``ls`` / ``gce`` / ``intrust`` baselines as an HF ``model.loss_function``.
-- ``train_epoch``: one pass in a seeded permutation (``[seed, epoch]``), full batches only.
+- ``baseline_loss_hook``: the ``ls`` / ``gce`` / ``intrust`` baselines as an HF ``model.loss_function``
+  (a ``FunctionLossHook``: the same label shift and install/remove as the DeCE hook).
+- ``train_epoch``: one pass in a seeded permutation (``[seed, epoch]``), full batches only, each moved to
+  the engine's device.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..recipes.runtime import engine_device, to_device
 from .encode import IGNORE
 from .progress import progress
 
@@ -88,20 +90,12 @@ def make_engine(model, stage: StageSpec, total_steps: int, dece: Mapping[str, An
 
 
 def baseline_loss_hook(kind: str, params: Mapping[str, Any]):
-    """An HF ``model.loss_function`` computing a baseline loss on shifted labels."""
+    """An HF ``model.loss_function`` computing a baseline loss on shifted labels; ``.install(model)`` puts it
+    in place reversibly, ``.params`` are the resolved settings."""
+    from ..integrations.loss_hook import FunctionLossHook
     from ..ops import baseline_losses as bl
     fn = {"ls": bl.label_smoothing_loss, "gce": bl.gce_loss, "intrust": bl.in_trust_loss}[kind]
-    kw = {**BASELINE_DEFAULTS[kind], **params}
-
-    def loss_function(logits, labels=None, vocab_size=None, num_items_in_batch=None, ignore_index=IGNORE,
-                      shift_labels=None, **_):
-        if shift_labels is None:
-            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-        return fn(logits, shift_labels.to(logits.device), ignore_index=ignore_index,
-                  num_items_in_batch=num_items_in_batch, **kw)
-
-    loss_function.params = kw
-    return loss_function
+    return FunctionLossHook(fn, {**BASELINE_DEFAULTS[kind], **params}, ignore_index=IGNORE)
 
 
 def steps_per_epoch(n_rows: int, batch_size: int) -> int:
@@ -114,11 +108,12 @@ def train_epoch(engine, data: Mapping[str, torch.Tensor], batch_size: int, seed:
     n = data["input_ids"].shape[0]
     order = np.random.default_rng([seed, epoch]).permutation(n)
     engine.train()
+    device = engine_device(engine)
     losses = []
     bar = progress(range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size), desc=desc, leave=False)
     for start in bar:
         idx = torch.as_tensor(order[start:start + batch_size])
-        batch = {k: v[idx] for k, v in data.items()}
+        batch = to_device({k: v[idx] for k, v in data.items()}, device)
         out = engine(**batch)
         engine.backward(out.loss)
         engine.step()

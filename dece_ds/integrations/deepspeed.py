@@ -43,7 +43,7 @@ import inspect
 import weakref
 from typing import Any, Mapping
 
-from ..config import DeceConfig, DeceConfigError
+from ..config import DeceConfig, DeceConfigError, read_ds_config
 from .hook import announce
 from .transformers import current_dece_loss, install_dece_loss, remove_dece_loss
 
@@ -66,23 +66,22 @@ def _engine_rules(cfg: DeceConfig, steps_per_epoch_later: bool = False) -> DeceC
 
 
 def _load_ds_config(config) -> Mapping[str, Any] | None:
-    """A DeepSpeed config as a dict: dicts as they are; paths (JSON / hjson) and base64 as DeepSpeed reads them."""
+    """A DeepSpeed config as a dict: dicts as they are; JSON files by ``read_ds_config`` (one line naming the
+    file when it is not a JSON object); other strings (hjson, base64) as DeepSpeed reads them."""
+    import os
     if config is None or isinstance(config, Mapping):
         return config
+    if isinstance(config, os.PathLike) or (isinstance(config, str) and (os.path.exists(config)
+                                                                        or config.endswith(".json"))):
+        return read_ds_config(config)
     try:
         from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
     except ImportError:  # DeepSpeed without it: plain JSON files
-        load_ds_config = _read_json
+        return read_ds_config(config)
     try:
         return load_ds_config(config)
     except (ValueError, OSError) as e:
         raise DeceConfigError(f"ds_config: cannot read {config!r}: {e}") from None
-
-
-def _read_json(path) -> Mapping[str, Any]:
-    import json
-    with open(path) as f:
-        return json.load(f)
 
 
 def ds_config_from_initialize_args(bound: Mapping[str, Any]) -> Mapping[str, Any] | None:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
-from ..config import DeceConfig, DeceConfigError
+from ..config import DeceConfig, DeceConfigError, read_ds_config
 from .checkpoint import RecipeError
 
 
@@ -19,19 +17,10 @@ def load_ds_config(path: str | os.PathLike, *, steps_per_epoch_later: bool = Fal
     Raises ``RecipeError`` naming the file and the field.
     """
     from ..integrations.deepspeed import dece_config_for_engine
-    path = Path(path)
     try:
-        ds_config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: no such DeepSpeed config file") from None
-    except IsADirectoryError:
-        raise RecipeError(f"{path}: is a directory; expected a DeepSpeed JSON config file") from None
-    except UnicodeDecodeError:
-        raise RecipeError(f"{path}: not UTF-8 text; expected a DeepSpeed JSON config file") from None
-    except json.JSONDecodeError as e:
-        raise RecipeError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(ds_config, dict):
-        raise RecipeError(f"{path}: expected a JSON object at the top level, got {type(ds_config).__name__}")
+        ds_config = read_ds_config(path)
+    except DeceConfigError as e:
+        raise RecipeError(str(e)) from None
     section = ds_config.get("dece")
     if default_schedule and isinstance(section, dict) and "schedule" not in section:
         ds_config = {**ds_config, "dece": {**section, "schedule": default_schedule}}
