@@ -215,7 +215,8 @@ def saved_gradients(ctx, grad_output: torch.Tensor, reduction: str) -> tuple:
             "x.grad): that gradient is the buffer the loss keeps for later backwards. Set x.grad = None "
             "(optimizer.zero_grad(set_to_none=True)) instead of zeroing it in place, or recompute the "
             "loss.") from e
-    return tuple(None if g is None else g * _upstream(grad_output, g, reduction).to(g.dtype) for g in grads)
+    # clone then scale in place: the same single rounding into g's dtype as the first backward
+    return tuple(None if g is None else g.clone().mul_(_upstream(grad_output, g, reduction)) for g in grads)
 
 
 def scale_in_place(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) -> bool:
@@ -265,10 +266,16 @@ def dece_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float, label
         label_smoothing: eps; the target keeps ``1 - eps``, each other token ``eps / (V - 1)``.
         reduction: ``mean`` over non-ignored tokens, ``sum``, or ``none`` (per token, ``target``'s shape).
         prob_floor: softmax probabilities clamped to ``>= prob_floor`` (1e-7 as released; 0 = exact).
-        num_items_in_batch: divide the sum by this count instead (exact gradient accumulation).
-        chunk_size: tokens per chunk (default: from ``V`` so a chunk's scratch stays small).
+        num_items_in_batch: divide the sum by this count instead (exact gradient accumulation): a positive
+            finite number or one-element tensor; mean/sum only.
+        chunk_size: tokens per chunk, a positive int (default: from ``V`` so a chunk's scratch stays small).
 
     Returns: fp32 scalar, or ``[...]`` per-token losses for ``reduction="none"``.
+
+    Raises TypeError/ValueError naming the argument for bad inputs (``dece_ds/ops/checks.py``),
+    FloatingPointError for inf/nan logits. Backward: one backward costs no copy of the ``[N, V]``
+    gradient; a second one through a retained graph returns a new tensor or raises a RuntimeError that
+    says why; ``create_graph=True`` raises (see ``saved_gradients``).
     """
     vocab_size = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() else 0
     shard = VocabShard(0, vocab_size, vocab_size)

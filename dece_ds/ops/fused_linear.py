@@ -193,8 +193,11 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
                       global_vocab_size: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """DeCE of ``hidden @ weight.T (+ bias)`` against ``target`` without materialising the logits.
 
-    Args as ``dece_loss``/``vocab_parallel_dece``; ``hidden`` ``[..., H]``, ``weight`` ``[V_shard, H]``
-    (this rank's shard with ``tp_group``), ``target`` ``[...]``. ``chunk_size``: tokens per chunk.
+    Args as ``dece_loss``/``vocab_parallel_dece`` (checked by the same ``checks.py``); ``hidden``
+    ``[..., H]`` fp32 / bf16 / fp16 (fp64 for gradcheck), ``weight`` ``[V_shard, H]`` of hidden's dtype (this
+    rank's shard with ``tp_group``), ``bias`` ``[V_shard]`` of weight's dtype, ``target`` ``[...]`` int64.
+    ``chunk_size``: tokens per chunk, a positive int. Returns as ``dece_loss``; backward rules as
+    ``dece_loss``'s.
     """
     check_float_tensor(hidden, "hidden")
     check_float_tensor(weight, "weight")
