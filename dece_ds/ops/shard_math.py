@@ -10,7 +10,8 @@ Per token i (dropped below), global vocabulary size V, target t, eps = label_smo
     p_k = exp(z_k - lse),  lse = log sum_k exp z_k   (global, over all shards)
     lse is carried as a pair (shift, log_norm), lse = shift + log_norm, with shift a row maximum: every
     ``z - lse`` is formed as ``(z - shift) - log_norm``, exact where it matters even when all logits share
-    a large offset (fp32 spacing at 1e4 is 1e-3, so ``z - lse`` with a rounded lse would not be).
+    a large offset (fp32 spacing grows with magnitude: a rounded lse near a large offset would shift every
+    log-probability by up to half that spacing).
     pf_k = max(p_k, f);  m_k = [p_k >= f]   (the clamp's gradient mask)
     q_k = alpha * pf_k + (1 - alpha) * y_k
     loss = -sum_k y_k log q_k
