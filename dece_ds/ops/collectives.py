@@ -1,6 +1,6 @@
 """The two forward collectives of the vocab-parallel loss, and the shard bookkeeping they carry.
 
-Collective 1 gathers each rank's per-token log-sum-exp together with its shard's
+Collective 1 gathers each rank's per-token row max and log-sum-exp together with its shard's
 ``(vocab_start_index, partition_vocab_size)``, so every rank forms the global normaliser and checks
 that the shards tile the vocabulary from the same data (all ranks raise together, none hangs).
 Collective 2 is one all-reduce of the stacked per-token partial sums (loss term, gradient normaliser).
@@ -44,18 +44,22 @@ def group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def gather_shard_lse(shard_lse: torch.Tensor, shard: VocabShard, group) -> torch.Tensor:
-    """Collective 1: ``[N]`` fp32 local log-sum-exp -> ``[world, N]``, checking the shard tiling."""
+def gather_shard_lse(shard_max: torch.Tensor, shard_log_sum: torch.Tensor, shard: VocabShard,
+                     group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collective 1: ``[N]`` local row max and ``log sum exp(z - max)`` (fp32) -> two ``[world, N]``,
+    checking the shard tiling. The max travels apart from the log-sum so that no rank rounds
+    ``max + log_sum`` (see ``shard_math.combine_logsumexp``)."""
     if group is None:
-        return shard_lse[None]
+        return shard_max[None], shard_log_sum[None]
     world = shard.world_size
-    meta = shard_lse.new_tensor([shard.vocab_start_index, shard.partition_vocab_size])
-    send = torch.cat([shard_lse, meta])
+    n = shard_max.numel()
+    meta = shard_max.new_tensor([shard.vocab_start_index, shard.partition_vocab_size])
+    send = torch.cat([shard_max, shard_log_sum, meta])
     recv = send.new_empty(world * send.numel())
     dist.all_gather_into_tensor(recv, send, group=group)
     recv = recv.view(world, -1)
     check_tiling(recv[:, -2:].to(torch.int64).tolist(), shard)
-    return recv[:, :-2]
+    return recv[:, :n], recv[:, n:2 * n]
 
 
 def all_reduce_sum(stacked: torch.Tensor, group) -> torch.Tensor:

@@ -9,10 +9,16 @@ Forward walks the tokens in chunks of ``chunk_size`` rows; per chunk it works in
 buffer (input dtype), so peak extra memory is that buffer plus the scratch. Backward only scales
 the stored gradient by ``grad_output``: no collectives, no recomputation.
 
+Backward hands the buffer itself out (scaled in place), so autograd can make it ``x.grad`` without a
+copy. A second backward through a retained graph gets a new tensor (``buffer * grad_output``) and never
+changes what the first returned; it is refused with a RuntimeError when the first backward already
+scaled the buffer or someone modified it in place since (see ``saved_gradients``). Double backward
+(``create_graph=True``) is refused: the gradient has no graph of its own.
+
 Group of one (``tp_group=None``): each chunk is finished in one visit (log-sum-exp, partial sums,
 gradient) while it is hot in cache. Group of many: three visits, with the two collectives between
 them (see ``collectives.py``):
-    1. per-chunk local log-sum-exp                -> all-gather (lse, shard metadata) -> global lse
+    1. per-chunk local row max and log-sum-exp   -> all-gather (both, shard metadata) -> global (shift, log_norm)
     2. per-chunk partial loss term and W           -> one all-reduce of the stacked [N, 2]
     3. per-chunk gradient (recomputes p from the logits rather than storing it)
 """
@@ -23,12 +29,12 @@ import os
 
 import torch
 
+from .checks import REDUCTIONS, check_float_tensor, check_loss_args, check_target  # noqa: F401 (re-export)
 from .collectives import (VocabShard, all_reduce_sum, debug_check_same_inputs, gather_shard_lse,
                           group_size)
 from .shard_math import (DeceConstants, WorkBuffers, chunk_grad, chunk_terms, combine_logsumexp,
-                         compute_dtype, shard_exp_sum)
+                         compute_dtype, prob_scale, shard_exp_sum)
 
-REDUCTIONS = ("mean", "sum", "none")
 # fp32 elements per scratch buffer: big enough to amortise per-op dispatch, small enough for cache.
 _DEFAULT_CHUNK_ELEMENTS = 1 << 20
 
@@ -56,25 +62,6 @@ def _row_scale(valid: torch.Tensor, reduction: str, num_items_in_batch,
     return valid_f / divisor, divisor
 
 
-def check_loss_args(alpha, label_smoothing, reduction, prob_floor, num_items_in_batch) -> None:
-    """The scalar arguments every loss path shares; errors name the argument and the bad value."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    if not 0.0 < float(alpha) <= 1.0:
-        raise ValueError(f"alpha: expected 0 < alpha <= 1, got {alpha}")
-    if not 0.0 <= float(label_smoothing) < 1.0:
-        raise ValueError(f"label_smoothing: expected 0 <= label_smoothing < 1, got {label_smoothing}")
-    if not 0.0 <= float(prob_floor) < 1.0:
-        raise ValueError(f"prob_floor: expected 0 <= prob_floor < 1, got {prob_floor}")
-    if num_items_in_batch is None:
-        return
-    if reduction == "none":
-        raise ValueError("num_items_in_batch: divides the summed loss, so it needs reduction='mean' or 'sum', "
-                         "got reduction='none'")
-    if float(num_items_in_batch) <= 0:
-        raise ValueError(f"num_items_in_batch: expected a positive count, got {num_items_in_batch}")
-
-
 def flat_targets(target: torch.Tensor, ignore_index: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``[...]`` ids -> ``[N]`` int64 ids and ``[N]`` bool not-ignored; ids outside [0, V) raise."""
     t = target.reshape(-1).to(torch.int64)
@@ -86,9 +73,10 @@ def flat_targets(target: torch.Tensor, ignore_index: int, vocab_size: int) -> tu
     return t, valid
 
 
-def _check_finite(lse: torch.Tensor, rows: slice | None = None) -> None:
-    if not bool(torch.isfinite(lse).all()):
-        bad = (~torch.isfinite(lse)).nonzero()[:, 0]
+def _check_finite(log_norm: torch.Tensor, rows: slice | None = None) -> None:
+    """``[c]`` per-token log-sum-exp (minus its finite shift) of the chunk starting at ``rows.start``."""
+    if not bool(torch.isfinite(log_norm).all()):
+        bad = (~torch.isfinite(log_norm)).nonzero()[:, 0]
         offset = rows.start if rows is not None else 0
         raise FloatingPointError(
             f"logits: non-finite values (inf/nan) in {bad.numel()} token row(s), first at row "
@@ -125,12 +113,13 @@ class DeceFunction(torch.autograd.Function):
             for rows in chunks:
                 z = logits[rows, :v_real]
                 m, sum_exp = shard_exp_sum(z, work)        # work.p = exp(z - m)
-                lse = m + sum_exp.log()
-                _check_finite(lse, rows)
+                log_norm = sum_exp.log()                   # lse = m + log_norm
+                _check_finite(log_norm, rows)
                 row_valid = valid[rows]
-                lse = torch.where(row_valid, lse, torch.full_like(lse, float("inf")))
-                p_scale = torch.where(row_valid, sum_exp.reciprocal(), torch.zeros_like(sum_exp))
-                terms = chunk_terms(z, target_local[rows], lse, k, work, p_scale=p_scale)
+                log_norm = torch.where(row_valid, log_norm, torch.full_like(log_norm, float("inf")))
+                p_scale = torch.where(row_valid, prob_scale(m, sum_exp, m, log_norm, True),
+                                      torch.zeros_like(sum_exp))
+                terms = chunk_terms(z, target_local[rows], m, log_norm, k, work, p_scale=p_scale)
                 per_token[rows] = terms.loss_part
                 if need_grad:
                     grad_into(terms, rows, terms.w_part)
@@ -138,18 +127,21 @@ class DeceFunction(torch.autograd.Function):
             # fp32 without padding: exp(z - m_local), then p, wait in the gradient buffer between the
             # visits, so p costs one exp in all (else p is recomputed from the logits in visits 2 and 3)
             keep_p = fp32_out
-            shard_lse = torch.empty(n_rows, dtype=dtype, device=device)
+            shard_sum = torch.empty(n_rows, dtype=dtype, device=device)
             shard_max = torch.empty(n_rows, dtype=dtype, device=device)
             for rows in chunks:
-                m, sum_exp = shard_exp_sum(logits[rows, :v_real], work, out=grad[rows] if keep_p else None)
-                shard_max[rows], shard_lse[rows] = m, m + sum_exp.log()
-            lse = combine_logsumexp(gather_shard_lse(shard_lse, shard, group))        # collective 1
-            _check_finite(lse)
-            p_scale = torch.where(valid, torch.exp(shard_max - lse), torch.zeros_like(lse)) if keep_p else None
-            lse = torch.where(valid, lse, torch.full_like(lse, float("inf")))
+                shard_max[rows], shard_sum[rows] = shard_exp_sum(logits[rows, :v_real], work,
+                                                                 out=grad[rows] if keep_p else None)
+            shift, log_norm = combine_logsumexp(*gather_shard_lse(shard_max, shard_sum.log(), shard,
+                                                                  group))            # collective 1
+            _check_finite(log_norm)
+            p_scale = torch.where(valid, prob_scale(shard_max, shard_sum, shift, log_norm, False),
+                                  torch.zeros_like(log_norm)) if keep_p else None
+            log_norm = torch.where(valid, log_norm, torch.full_like(log_norm, float("inf")))
             partial = torch.empty(n_rows, 2, dtype=dtype, device=device)
             for rows in chunks:
-                terms = chunk_terms(logits[rows, :v_real], target_local[rows], lse[rows], k, work,
+                terms = chunk_terms(logits[rows, :v_real], target_local[rows], shift[rows], log_norm[rows], k,
+                                    work,
                                     p_out=grad[rows] if keep_p else None,
                                     p_scale=p_scale[rows] if keep_p else None)
                 partial[rows, 0] = terms.loss_part
@@ -158,8 +150,8 @@ class DeceFunction(torch.autograd.Function):
             per_token = partial[:, 0].contiguous()
             if need_grad:
                 for rows in chunks:
-                    terms = chunk_terms(logits[rows, :v_real], target_local[rows], lse[rows], k, work,
-                                        with_loss=False, p_out=grad[rows] if keep_p else None,
+                    terms = chunk_terms(logits[rows, :v_real], target_local[rows], shift[rows], log_norm[rows],
+                                        k, work, with_loss=False, p_out=grad[rows] if keep_p else None,
                                         p_ready=keep_p)
                     grad_into(terms, rows, partial[rows, 1])
 
@@ -172,19 +164,59 @@ class DeceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        check_single_backward(ctx)
-        (grad,) = ctx.saved_tensors
-        ctx.buffer_scaled = scale_in_place(grad, grad_output, ctx.reduction)
+        (grad,) = saved_gradients(ctx, grad_output, ctx.reduction)
         return grad, None, None, None, None, None, None, None, None
 
 
-def check_single_backward(ctx) -> None:
-    """The stored gradient is scaled in place (no second N x V buffer): once scaled, it is spent."""
-    if getattr(ctx, "buffer_scaled", False):
+def _upstream(grad_output: torch.Tensor, grad: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``grad_output`` shaped to broadcast over a ``[N, ...]`` gradient (per row for ``none``)."""
+    return grad_output.reshape(-1, *([1] * (grad.dim() - 1))) if reduction == "none" else grad_output
+
+
+def refuse_double_backward() -> None:
+    """Called first in every backward: grad mode is on there exactly when the caller asked for
+    ``create_graph=True``."""
+    if torch.is_grad_enabled():
         raise RuntimeError(
-            "dece_ds: a second backward through the same DeCE loss (retain_graph=True) after a backward with "
-            "an upstream gradient other than 1 is not supported: the gradient is precomputed in the forward "
-            "and scaled in place to hold a single N x V buffer. Recompute the loss for another backward.")
+            "dece_ds: double backward (create_graph=True) through the DeCE loss is not supported: the gradient "
+            "is computed in the forward and has no graph of its own, so a gradient penalty through it would "
+            "silently be zero. Keep the DeCE term out of the penalty, or differentiate the loss formula "
+            "written in plain PyTorch.")
+
+
+def saved_gradients(ctx, grad_output: torch.Tensor, reduction: str) -> tuple:
+    """The gradients the forward saved (``ctx.save_for_backward``; None entries allowed) times ``grad_output``.
+
+    First backward: each buffer is scaled in place and returned itself, so a single backward costs no
+    copy (AccumulateGrad makes the buffer ``.grad``; the saved reference is released first unless the
+    graph is retained). A later backward through a retained graph returns new tensors
+    ``buffer * grad_output``, so a gradient once returned never changes. That needs the buffers as the
+    forward left them: a RuntimeError says so when the first backward's upstream gradient was not 1, or
+    when the returned gradient (e.g. ``x.grad``) was modified in place since.
+    """
+    refuse_double_backward()
+    if not getattr(ctx, "dece_handed_out", False):
+        ctx.dece_handed_out = True
+        grads = ctx.saved_tensors
+        ctx.dece_scaled = any([scale_in_place(g, grad_output, reduction) for g in grads if g is not None])
+        return grads
+    if ctx.dece_scaled:
+        raise RuntimeError(
+            "dece_ds: a second backward through the same DeCE loss (retain_graph=True) after a first backward "
+            "whose upstream gradient was not 1 is not supported: the gradient is precomputed in the forward "
+            "and the first backward scaled that single N x V buffer in place (no second copy). Make the first "
+            "backward's upstream gradient 1, or recompute the loss for each backward.")
+    try:
+        grads = ctx.saved_tensors
+    except RuntimeError as e:
+        raise RuntimeError(
+            "dece_ds: a second backward through the same DeCE loss (retain_graph=True) after the gradient the "
+            "first backward returned was modified in place (e.g. x.grad.zero_() or an accumulation into "
+            "x.grad): that gradient is the buffer the loss keeps for later backwards. Set x.grad = None "
+            "(optimizer.zero_grad(set_to_none=True)) instead of zeroing it in place, or recompute the "
+            "loss.") from e
+    # clone then scale in place: the same single rounding into g's dtype as the first backward
+    return tuple(None if g is None else g.clone().mul_(_upstream(grad_output, g, reduction)) for g in grads)
 
 
 def scale_in_place(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) -> bool:
@@ -194,27 +226,18 @@ def scale_in_place(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str
     """
     if torch.equal(grad_output, torch.ones_like(grad_output)):
         return False
-    grad.mul_(grad_output.reshape(-1, *([1] * (grad.dim() - 1))) if reduction == "none" else grad_output)
+    grad.mul_(_upstream(grad_output, grad, reduction))
     return True
 
 
 def run_dece(logits, target, *, alpha, label_smoothing, ignore_index, reduction, prob_floor,
              num_items_in_batch, shard: VocabShard, group, chunk_size=None, logits_name="logits"):
     """Shared entry of ``dece_loss`` and ``vocab_parallel_dece``: validates, flattens, runs the Function."""
-    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-        raise TypeError(f"{logits_name}: expected a floating-point tensor, got "
-                        f"{getattr(logits, 'dtype', type(logits).__name__)}")
-    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise TypeError(f"{logits_name}: dtype {logits.dtype} not supported (fp32, bf16, fp16, fp64)")
-    if not isinstance(target, torch.Tensor) or target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"target: expected an int64 tensor, got "
-                        f"{getattr(target, 'dtype', type(target).__name__)}")
-    if logits.dim() < 1 or tuple(logits.shape[:-1]) != tuple(target.shape):
-        raise ValueError(f"target: shape {tuple(target.shape)} must equal {logits_name}.shape[:-1] = "
-                         f"{tuple(logits.shape[:-1])} ({logits_name} is [..., V], target [...])")
-    if target.device != logits.device:
-        raise ValueError(f"target: on {target.device}, {logits_name} on {logits.device}")
-    check_loss_args(alpha, label_smoothing, reduction, prob_floor, num_items_in_batch)
+    check_float_tensor(logits, logits_name)
+    if logits.dim() < 1:
+        raise ValueError(f"{logits_name}: expected [..., V], got a 0-dim tensor")
+    check_target(target, tuple(logits.shape[:-1]), logits.device, logits_name)
+    check_loss_args(alpha, label_smoothing, reduction, prob_floor, num_items_in_batch, chunk_size)
     if shard.global_vocab_size < 1:
         raise ValueError(f"global_vocab_size: expected >= 1, got {shard.global_vocab_size}")
 
@@ -243,10 +266,16 @@ def dece_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float, label
         label_smoothing: eps; the target keeps ``1 - eps``, each other token ``eps / (V - 1)``.
         reduction: ``mean`` over non-ignored tokens, ``sum``, or ``none`` (per token, ``target``'s shape).
         prob_floor: softmax probabilities clamped to ``>= prob_floor`` (1e-7 as released; 0 = exact).
-        num_items_in_batch: divide the sum by this count instead (exact gradient accumulation).
-        chunk_size: tokens per chunk (default: from ``V`` so a chunk's scratch stays small).
+        num_items_in_batch: divide the sum by this count instead (exact gradient accumulation): a positive
+            finite number or one-element tensor; mean/sum only.
+        chunk_size: tokens per chunk, a positive int (default: from ``V`` so a chunk's scratch stays small).
 
     Returns: fp32 scalar, or ``[...]`` per-token losses for ``reduction="none"``.
+
+    Raises TypeError/ValueError naming the argument for bad inputs (``dece_ds/ops/checks.py``),
+    FloatingPointError for inf/nan logits. Backward: one backward costs no copy of the ``[N, V]``
+    gradient; a second one through a retained graph returns a new tensor or raises a RuntimeError that
+    says why; ``create_graph=True`` raises (see ``saved_gradients``).
     """
     vocab_size = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() else 0
     shard = VocabShard(0, vocab_size, vocab_size)

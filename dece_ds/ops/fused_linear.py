@@ -12,9 +12,10 @@ into ``grad_hidden_c = dz @ weight`` and ``grad_weight += dz.T @ hidden_c`` (an 
 also for bf16 weights). Nothing of size ``N x V`` is ever allocated; extra memory is the fp32 weight
 gradient, ``grad_hidden`` and a few ``[chunk, V_shard]`` scratch buffers.
 
-For ``mean``/``sum`` the gradients are finished in the forward (backward only scales them). For
-``none`` the forward computes losses only and the backward recomputes the chunks with each row's
-upstream gradient.
+For ``mean``/``sum`` the gradients are finished in the forward (backward only scales them, with the
+same single-buffer rules as the unfused loss: ``dece.saved_gradients``). For ``none`` the forward
+computes losses only and the backward recomputes the chunks with each row's upstream gradient.
+Double backward (``create_graph=True``) is refused on both.
 
 Collectives with ``tp_group`` (world > 1): per chunk the same two as the unfused loss (all-gather of
 the log-sum-exp with shard metadata, all-reduce of the per-token partial sums), and one all-reduce
@@ -35,10 +36,11 @@ import torch
 import torch.distributed as dist
 
 from .collectives import VocabShard, all_reduce_sum, gather_shard_lse, group_size
-from .dece import (_check_finite, _row_scale, check_loss_args, check_single_backward, debug_check_same_inputs,
-                   debug_enabled, flat_targets, scale_in_place)
+from .checks import check_float_tensor, check_loss_args, check_target
+from .dece import (_check_finite, _row_scale, debug_check_same_inputs, debug_enabled, flat_targets,
+                   refuse_double_backward, saved_gradients)
 from .shard_math import (DeceConstants, WorkBuffers, chunk_grad, chunk_terms, combine_logsumexp,
-                         compute_dtype, shard_exp_sum)
+                         compute_dtype, prob_scale, shard_exp_sum)
 from .vocab_parallel import resolve_shard
 
 # Rows per chunk: enough that the per-chunk GEMMs run near full speed and the [V, H] weight-gradient
@@ -74,14 +76,16 @@ def _fused_pass(hidden, weight, bias, target_local, valid, k: DeceConstants, sha
         h = hidden[rows]
         z = h @ w_real.T if b_real is None else torch.addmm(b_real, h, w_real.T)   # [c, v_real]
         m, sum_exp = shard_exp_sum(z, work)                                          # work.p = exp(z - m)
-        lse = m + sum_exp.log()
+        shift, log_norm = m, sum_exp.log()                                           # lse = shift + log_norm
         if world > 1:
-            lse = combine_logsumexp(gather_shard_lse(lse, shard, group))           # collective 1
-        _check_finite(lse, rows)
+            shift, log_norm = combine_logsumexp(*gather_shard_lse(m, log_norm, shard, group))  # collective 1
+        _check_finite(log_norm, rows)
         row_valid = valid[rows]
-        p_scale = torch.where(row_valid, torch.exp(m - lse), torch.zeros_like(lse))
-        lse = torch.where(row_valid, lse, torch.full_like(lse, float("inf")))
-        terms = chunk_terms(z, target_local[rows], lse, k, work, with_loss=want_loss, p_scale=p_scale)
+        p_scale = torch.where(row_valid, prob_scale(m, sum_exp, shift, log_norm, world == 1),
+                              torch.zeros_like(log_norm))
+        log_norm = torch.where(row_valid, log_norm, torch.full_like(log_norm, float("inf")))
+        terms = chunk_terms(z, target_local[rows], shift, log_norm, k, work, with_loss=want_loss,
+                            p_scale=p_scale)
         w_total = terms.w_part
         if world > 1:
             partial = torch.stack([terms.loss_part, terms.w_part], dim=1)
@@ -128,19 +132,16 @@ class FusedLinearDeceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        check_single_backward(ctx)
         k, shard, group, chunk_rows = ctx.meta
         h_dtype, w_dtype, b_dtype = ctx.dtypes
         if ctx.reduction == "none":
+            refuse_double_backward()
             hidden, weight, bias, target_local, valid = ctx.saved_tensors
             coef = grad_output.reshape(-1).to(compute_dtype(hidden.dtype)) * valid * k.alpha
             _, g_h, g_w, g_b = _fused_pass(hidden, weight, bias, target_local, valid, k, shard, group,
                                            coef, chunk_rows, False)
         else:
-            g_h, g_w, g_b = ctx.saved_tensors
-            for g in (g_h, g_w, g_b):
-                if g is not None:
-                    ctx.buffer_scaled = scale_in_place(g, grad_output, ctx.reduction)
+            g_h, g_w, g_b = saved_gradients(ctx, grad_output, ctx.reduction)
         for param in ctx.params:
             gather_for_grad_accumulation(param)
         return (g_h.to(h_dtype), g_w.to(w_dtype), None if g_b is None else g_b.to(b_dtype),
@@ -192,25 +193,33 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
                       global_vocab_size: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """DeCE of ``hidden @ weight.T (+ bias)`` against ``target`` without materialising the logits.
 
-    Args as ``dece_loss``/``vocab_parallel_dece``; ``hidden`` ``[..., H]``, ``weight`` ``[V_shard, H]``
-    (this rank's shard with ``tp_group``), ``target`` ``[...]``. ``chunk_size``: tokens per chunk.
+    Args as ``dece_loss``/``vocab_parallel_dece`` (checked by the same ``checks.py``); ``hidden``
+    ``[..., H]`` fp32 / bf16 / fp16 (fp64 for gradcheck), ``weight`` ``[V_shard, H]`` of hidden's dtype (this
+    rank's shard with ``tp_group``), ``bias`` ``[V_shard]`` of weight's dtype, ``target`` ``[...]`` int64.
+    ``chunk_size``: tokens per chunk, a positive int. Returns as ``dece_loss``; backward rules as
+    ``dece_loss``'s.
     """
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point tensor")
+    check_float_tensor(hidden, "hidden")
+    check_float_tensor(weight, "weight")
+    if bias is not None:
+        check_float_tensor(bias, "bias")
     with gathered_if_partitioned(weight, bias):  # ZeRO-3: an empty partition until gathered
         if weight.dim() != 2:
             raise ValueError(f"weight: expected [V_shard, H], got shape {tuple(weight.shape)}")
-        if hidden.shape[-1] != weight.shape[1]:
-            raise ValueError(f"hidden: last dim {hidden.shape[-1]} must equal weight.shape[1] = {weight.shape[1]}")
+        if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+            raise ValueError(f"hidden: expected [..., H] with H = weight.shape[1] = {weight.shape[1]}, got shape "
+                             f"{tuple(hidden.shape)}")
         if hidden.dtype != weight.dtype:
             raise TypeError(f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}")
+        if bias is not None and bias.dtype != weight.dtype:
+            raise TypeError(f"bias: dtype {bias.dtype} differs from weight's {weight.dtype}")
         if bias is not None and tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if not isinstance(target, torch.Tensor) or tuple(target.shape) != tuple(hidden.shape[:-1]):
-            raise ValueError(f"target: shape {tuple(getattr(target, 'shape', ()))} must equal hidden.shape[:-1] "
-                             f"= {tuple(hidden.shape[:-1])}")
-        check_loss_args(alpha, label_smoothing, reduction, prob_floor, num_items_in_batch)
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.device != hidden.device:
+                raise ValueError(f"{name}: on {t.device}, hidden on {hidden.device}")
+        check_target(target, tuple(hidden.shape[:-1]), hidden.device, "hidden")
+        check_loss_args(alpha, label_smoothing, reduction, prob_floor, num_items_in_batch, chunk_size)
         shard = resolve_shard(weight.shape[0], tp_group, vocab_start_index, global_vocab_size)
         group = tp_group if shard.world_size > 1 else None
         out_shape = target.shape

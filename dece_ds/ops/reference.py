@@ -49,8 +49,9 @@ def reference_dece_loss(
     if prob_floor > 0:
         p = torch.clamp(p, prob_floor, 1.0)
     q = alpha * p + (1.0 - alpha) * y
-    # 0 * log(0) terms (eps = 0, no floor) are 0 by the formula's convention.
-    terms = torch.where(y > 0, y * torch.log(q), torch.zeros_like(q))
+    # 0 * log(0) terms (eps = 0, no floor) are 0 by the formula's convention. log is taken of q only where
+    # y > 0: masking y * log(q) after the fact would still send 0 * (1 / 0) = nan back through log.
+    terms = y * torch.log(torch.where(y > 0, q, torch.ones_like(q)))
     per_token = -terms.sum(-1) * valid.to(dtype)
 
     if reduction == "none":

@@ -8,6 +8,10 @@ Per token i (dropped below), global vocabulary size V, target t, eps = label_smo
     s   = eps / (V - 1)                      smoothing mass of every non-target token
     y_k = s (k != t),  y_t = 1 - eps
     p_k = exp(z_k - lse),  lse = log sum_k exp z_k   (global, over all shards)
+    lse is carried as a pair (shift, log_norm), lse = shift + log_norm, with shift a row maximum: every
+    ``z - lse`` is formed as ``(z - shift) - log_norm``, exact where it matters even when all logits share
+    a large offset (fp32 spacing grows with magnitude: a rounded lse near a large offset would shift every
+    log-probability by up to half that spacing).
     pf_k = max(p_k, f);  m_k = [p_k >= f]   (the clamp's gradient mask)
     q_k = alpha * pf_k + (1 - alpha) * y_k
     loss = -sum_k y_k log q_k
@@ -122,15 +126,37 @@ def shard_exp_sum(z: torch.Tensor, work: WorkBuffers,
     return m, e.sum(-1)
 
 
-def combine_logsumexp(shard_lse: torch.Tensor) -> torch.Tensor:
-    """``[world, N]`` per-shard log-sum-exp -> ``[N]`` global log-sum-exp."""
-    return torch.logsumexp(shard_lse, dim=0)
+def combine_logsumexp(shard_max: torch.Tensor, shard_log_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-shard ``[world, N]`` row max ``m_r`` and ``log sum exp(z - m_r)`` -> global ``(shift, log_norm)``
+    ``[N]``, ``lse = shift + log_norm``.
+
+    ``shift`` is the largest ``m_r`` of the shards that hold any probability mass (0 when none does),
+    so ``m_r - shift`` is exact and ``log_norm`` is a log-sum-exp of small numbers. Non-finite per-shard
+    sums (inf/nan logits) make ``log_norm`` non-finite.
+    """
+    has_mass = shard_log_sum > float("-inf")
+    shift = torch.where(has_mass, shard_max, torch.full_like(shard_max, float("-inf"))).amax(dim=0)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    return shift, torch.logsumexp((shard_max - shift) + shard_log_sum, dim=0)
+
+
+def prob_scale(shard_max: torch.Tensor, sum_exp: torch.Tensor, shift: torch.Tensor, log_norm: torch.Tensor,
+               local_is_global: bool) -> torch.Tensor:
+    """``[N]`` factor that turns this shard's ``exp(z - m)`` (``shard_exp_sum``) into ``p = exp(z - lse)``.
+
+    ``1 / sum_exp`` when the shard is the whole vocabulary (no log/exp round trip), else
+    ``exp((m - shift) - log_norm)``.
+    """
+    if local_is_global:
+        return sum_exp.reciprocal()
+    return torch.exp((shard_max - shift) - log_norm)
 
 
 def chunk_terms(
     z: torch.Tensor,            # [c, V_shard] logits of this chunk and shard (real vocab columns only)
     target_local: torch.Tensor,  # [c] int64, target id minus the shard's vocab_start_index
-    lse: torch.Tensor,          # [c] fp32 global log-sum-exp; +inf on ignored rows (their p is 0)
+    shift: torch.Tensor,        # [c] fp32 finite row shift (a row maximum), lse = shift + log_norm
+    log_norm: torch.Tensor,     # [c] fp32 global log-sum-exp minus shift; +inf on ignored rows (p = 0)
     k: DeceConstants,
     work: WorkBuffers,
     with_loss: bool = True,
@@ -142,11 +168,12 @@ def chunk_terms(
 
     Where p comes from (in ``p_out``, default ``work.p``): ``p_scale`` ``[c]``: it already holds
     ``exp(z - m)`` (``shard_exp_sum``) and ``p = exp(z - m) * p_scale``; ``p_ready``: it already holds p
-    (a previous visit left it there); otherwise p is computed from ``z`` and ``lse``.
+    (a previous visit left it there); otherwise p is computed from ``z``, ``shift`` and ``log_norm``.
     """
     c, v_shard = z.shape
     alpha, s, f = k.alpha, k.off_target, k.prob_floor
-    in_shard = (target_local >= 0) & (target_local < v_shard) & torch.isfinite(lse)
+    row_ok = torch.isfinite(log_norm)
+    in_shard = (target_local >= 0) & (target_local < v_shard) & row_ok
     col = torch.where(in_shard, target_local, torch.zeros_like(target_local))[:, None]
 
     p_out = work.p(c) if p_out is None else p_out
@@ -155,10 +182,10 @@ def chunk_terms(
     elif p_scale is not None:
         p = p_out.mul_(p_scale[:, None])
     else:
-        p = torch.sub(z, lse[:, None], out=p_out)
-        p.exp_()
+        p = torch.sub(z, shift[:, None], out=p_out)
+        p.sub_(log_norm[:, None]).exp_()
     if with_loss:
-        z_t = z.gather(1, col).squeeze(1).to(p.dtype)
+        log_p_t = (z.gather(1, col).squeeze(1).to(p.dtype) - shift) - log_norm   # log p_t, unclamped
     p_t = p.gather(1, col).squeeze(1)
 
     # Target column, from scalars: pf_t, m_t, q_t, r_t (and log q_t, stably, for the loss).
@@ -174,9 +201,12 @@ def chunk_terms(
     elif k.ratio_is_constant:
         ratio_t = torch.full_like(p_t, 1.0 / alpha)
         bulk_ratio = torch.full_like(p_t, v_shard / alpha)
-        if with_loss:  # log q_k = log alpha + z_k - lse, exactly (no exp -> log round trip)
-            bulk_log = v_shard * (math.log(alpha) - lse) + z.sum(-1, dtype=p.dtype)
-            log_q_hat_t = math.log(alpha) + z_t - lse
+        if with_loss:  # log q_k = log alpha + (z_k - shift) - log_norm, exactly (no exp -> log round trip)
+            # sum_k (z_k - shift) = sum_k z_k - V * shift: two large numbers when the logits share an offset,
+            # so both are formed in fp64 before they cancel.
+            z_shifted_sum = (z.sum(-1, dtype=torch.float64) - v_shard * shift.to(torch.float64)).to(p.dtype)
+            bulk_log = v_shard * (math.log(alpha) - log_norm) + z_shifted_sum
+            log_q_hat_t = math.log(alpha) + log_p_t
     else:
         q = torch.clamp_min(p, f, out=work.q(c)) if f > 0 else work.q(c).copy_(p)
         q.mul_(alpha).add_(k.off_target_offset)
@@ -195,15 +225,17 @@ def chunk_terms(
     w_part = s * bulk_ratio + shard_mask * (k.on_target * r_t * m_t - s * ratio_t)
 
     if with_loss:
-        log_pf_t = z_t - lse
-        if f > 0:
-            log_pf_t = log_pf_t.clamp_min(math.log(f))
+        log_pf_t = log_p_t.clamp_min(math.log(f)) if f > 0 else log_p_t
         log_q_t = log_pf_t + math.log(alpha)
         if on_offset > 0:
             log_q_t = torch.logaddexp(log_q_t, torch.full_like(log_q_t, math.log(on_offset)))
         on_term = torch.where(in_shard, k.on_target * log_q_t - s * log_q_hat_t, zeros)
         loss_part = -(s * bulk_log + on_term)
-        loss_part = torch.where(torch.isfinite(lse), loss_part, zeros)
+        # q_t = 0 (a -inf target logit with alpha = 1 and no floor): every term of the loss is >= 0 and the
+        # target's is +inf, so the loss is +inf (as F.cross_entropy's), not the nan of inf - inf above.
+        loss_part = torch.where(in_shard & (log_q_t == float("-inf")), torch.full_like(zeros, float("inf")),
+                                loss_part)
+        loss_part = torch.where(row_ok, loss_part, zeros)
     else:
         loss_part = zeros
     return ChunkTerms(p=p, ratio=ratio, target_col=col, target_fix=target_fix,

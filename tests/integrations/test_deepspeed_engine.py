@@ -2,7 +2,7 @@
 
 One launch of this file (``deepspeed --num_gpus 2 tests/integrations/test_deepspeed_engine.py --out F``)
 runs three engines on the same model and batches and writes what it saw to F; the tests assert on it:
-- DeCE: per step, the engine's loss equals ``reference_dece_loss`` (float64) on the logits gathered
+- DeCE: per step, the engine's loss equals the float64 formula (``tests/ops/formula64.py``) on the logits gathered
   from both vocabulary shards, the logits' gradient slice equals the reference gradient's slice,
   alpha follows ``alpha_base ** (1 + global_steps // steps_per_epoch)``, and the loss goes down;
 - ``dece.enabled: false`` through dece_ds.initialize and plain deepspeed.initialize without the section:
@@ -66,13 +66,23 @@ def _gather_vocab(shard, group):
     return torch.cat(parts, dim=-1)
 
 
+def _formula64():
+    """tests/ops/formula64.py, loaded by path: this file runs as a launcher script, without the repo on sys.path."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "ops" / "formula64.py"
+    spec = importlib.util.spec_from_file_location("formula64", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def worker(out_path: str) -> None:
     import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import groups
 
     import dece_ds
-    from dece_ds.ops.reference import reference_dece_loss
+    dece64 = _formula64().dece64
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rank = dist.get_rank()
@@ -99,8 +109,7 @@ def worker(out_path: str) -> None:
         logits = seen["logits"]
         full = _gather_vocab(logits.detach(), tp_group).double().requires_grad_(True)
         alpha = DECE["alpha_base"] ** (1 + engine.global_steps // DECE["steps_per_epoch"])
-        ref = reference_dece_loss(full[:, :-1], labels[:, 1:], alpha=alpha,
-                                  label_smoothing=DECE["label_smoothing"], prob_floor=1e-7)
+        ref = dece64(full[:, :-1], labels[:, 1:], alpha=alpha, eps=DECE["label_smoothing"], floor=1e-7)
         ref.backward()
         engine.backward(out.loss)
         v_local = logits.shape[-1]

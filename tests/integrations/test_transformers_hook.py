@@ -13,7 +13,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from dece_ds.config import DeceConfig
 from dece_ds.integrations.transformers import (DeceCausalLMLoss, current_dece_loss, install_dece_loss,
                                                remove_dece_loss)
-from dece_ds.ops.reference import reference_dece_loss
+from tests.ops.formula64 import dece64
 
 V = 40
 
@@ -54,8 +54,7 @@ def test_shift_ignore_index_and_num_items_match_the_reference(num_items):
     got = hook(logits=logits, labels=labels, vocab_size=V, num_items_in_batch=num_items)
     assert hook.last_alpha == pytest.approx(0.9 ** 3)
     ref_logits = logits.detach().clone().requires_grad_(True)
-    want = reference_dece_loss(ref_logits[:, :-1], labels[:, 1:], alpha=0.9 ** 3, label_smoothing=0.1,
-                               prob_floor=1e-7, num_items_in_batch=num_items)
+    want = dece64(ref_logits[:, :-1], labels[:, 1:], alpha=0.9 ** 3, eps=0.1, floor=1e-7, num_items=num_items)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     got.backward()
     want.backward()
@@ -73,7 +72,7 @@ def test_sum_reduction_ignores_num_items():
     logits, labels = _batch(2)
     cfg = DeceConfig(reduction="sum", schedule="constant", alpha_base=0.95)
     got = DeceCausalLMLoss(cfg)(logits=logits, labels=labels, num_items_in_batch=5)
-    want = reference_dece_loss(logits[:, :-1], labels[:, 1:], alpha=0.95, reduction="sum")
+    want = dece64(logits[:, :-1], labels[:, 1:], alpha=0.95, eps=0.05, floor=1e-7, reduction="sum")
     torch.testing.assert_close(got, want)
 
 
@@ -99,7 +98,7 @@ def test_install_is_loud_idempotent_and_reversible(caplog):
     assert "replaced transformers.loss.loss_utils.ForCausalLMLoss with DeCE" in caplog.text
     assert model.loss_function is hook and hook.__wrapped__ is ForCausalLMLoss and hook.shard is None
     out = model(input_ids=ids, labels=ids)
-    want = reference_dece_loss(out.logits[:, :-1].detach().double(), ids[:, 1:], alpha=0.8)
+    want = dece64(out.logits[:, :-1].detach().double(), ids[:, 1:], alpha=0.8, eps=0.05, floor=1e-7)
     torch.testing.assert_close(out.loss.double(), want, rtol=1e-5, atol=1e-6)
     out.loss.backward()
     assert model.lm_head.weight.grad is not None

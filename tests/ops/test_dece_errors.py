@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from dece_ds import dece_loss
+from dece_ds import dece_loss, fused_linear_dece, vocab_parallel_dece
 
 V = 11
 
@@ -159,3 +159,76 @@ def test_boundary_values_are_accepted():
     """The edges of each range are valid: alpha = 1, eps = 0, floor = 0, num_items = 1."""
     loss = call(alpha=1.0, label_smoothing=0.0, prob_floor=0.0, num_items_in_batch=1)
     assert torch.isfinite(loss)
+
+
+# --- every path: the same checks (dece_ds/ops/checks.py) -------------------------------------------------
+
+def _fused(z, t, **kw):
+    """fused_linear_dece with hidden = logits and weight = I: the same logits through the fused path."""
+    return fused_linear_dece(z, torch.eye(z.shape[-1], dtype=z.dtype), t, **kw)
+
+
+PATHS = {"dece_loss": dece_loss, "vocab_parallel_dece": vocab_parallel_dece, "fused_linear_dece": _fused}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bool, torch.int16], ids=str)
+def test_float_and_bool_targets_are_refused_on_every_path(path, dtype):
+    z, t = good()
+    bad = (t.float() + 0.7).to(dtype)   # float ids would be truncated (2.7 -> 2)
+    with pytest.raises(TypeError, match=r"^target: expected an int64 \(or int32\) tensor of token ids, got ") as e:
+        PATHS[path](z, bad, alpha=0.9)
+    assert str(dtype) in str(e.value)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("num_items", [float("nan"), float("inf"), float("-inf"), 0, -3, 0.0,
+                                       torch.tensor(float("nan")), torch.tensor(0)], ids=str)
+def test_bad_num_items_values_on_every_path(path, num_items):
+    z, t = good()
+    with pytest.raises(ValueError, match=r"^num_items_in_batch: expected a positive finite count, got ") as e:
+        PATHS[path](z, t, alpha=0.9, num_items_in_batch=num_items)
+    shown = num_items.item() if isinstance(num_items, torch.Tensor) else num_items
+    assert str(shown) in str(e.value)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("num_items", ["12", [12], True, torch.tensor([3, 4]), torch.tensor(True)], ids=str)
+def test_non_numeric_num_items_on_every_path(path, num_items):
+    z, t = good()
+    with pytest.raises(TypeError, match=r"^num_items_in_batch: expected a"):
+        PATHS[path](z, t, alpha=0.9, num_items_in_batch=num_items)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("chunk_size,error", [(0, ValueError), (-4, ValueError), (2.5, TypeError),
+                                              (2.0, TypeError), ("8", TypeError), (True, TypeError)], ids=str)
+def test_bad_chunk_size_on_every_path(path, chunk_size, error):
+    z, t = good()
+    with pytest.raises(error, match=r"^chunk_size: expected a positive int \(tokens per chunk\) or None, got ") as e:
+        PATHS[path](z, t, alpha=0.9, chunk_size=chunk_size)
+    assert repr(chunk_size) in str(e.value) or str(chunk_size) in str(e.value)
+
+
+def test_bias_of_another_dtype_than_the_weight():
+    z, t = good()
+    w = torch.eye(V)
+    with pytest.raises(TypeError, match=r"^bias: dtype torch.float64 differs from weight's torch.float32$"):
+        fused_linear_dece(z, w, t, alpha=0.9, bias=torch.zeros(V, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"^bias: expected a floating-point tensor, got torch.int64$"):
+        fused_linear_dece(z, w, t, alpha=0.9, bias=torch.zeros(V, dtype=torch.long))
+
+
+def test_same_messages_on_every_path():
+    """One validator: a bad target or scalar argument reads the same whichever entry point got it."""
+    z, t = good()
+    for bad in (dict(target=t.float()), dict(num_items_in_batch=float("nan")), dict(chunk_size=0),
+                dict(alpha=1.5), dict(reduction="avg")):
+        kw = {"alpha": 0.9, **bad}
+        target = kw.pop("target", t)
+        messages = set()
+        for fn in PATHS.values():
+            with pytest.raises((TypeError, ValueError)) as e:
+                fn(z, target, **kw)
+            messages.add(str(e.value))
+        assert len(messages) == 1, messages

@@ -136,3 +136,68 @@ def test_leaf_gradient_does_not_alias_state_reused_later():
     _, g1 = reference(z, t, alpha=0.9, eps=0.05, floor=1e-7)
     _, g2 = reference(z, t, alpha=0.5, eps=0.05, floor=1e-7)
     torch.testing.assert_close(x.grad.double(), g1 + g2, rtol=1e-5, atol=1e-9)
+
+
+# --- a retained graph: gradients once returned never change; the single backward still copies nothing ---------
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_retained_second_backward_leaves_the_first_gradient_alone(reduction):
+    """autograd.grad(loss) with retain_graph, then autograd.grad(3 * loss): the first result stays the
+    gradient of loss (it is the saved buffer itself), the second is a new tensor, 3 times the formula's."""
+    z, t = case()
+    x = z.clone().requires_grad_(True)
+    loss = dece_loss(x, t, alpha=0.9, reduction=reduction)
+    ones = torch.ones_like(loss)
+    (first,) = torch.autograd.grad(loss, x, ones, retain_graph=True)
+    kept = first.clone()
+    (second,) = torch.autograd.grad(3 * loss, x, ones)
+    _, ref_grad = reference(z, t, None if reduction == "mean" else torch.ones(t.shape), alpha=0.9, eps=0.05,
+                            floor=1e-7, reduction=reduction)
+    assert torch.equal(first, kept), "the second backward changed the gradient the first one returned"
+    assert second.data_ptr() != first.data_ptr()
+    torch.testing.assert_close(first.double(), ref_grad, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(second.double(), 3 * ref_grad, rtol=1e-5, atol=1e-9)
+
+
+def test_zeroing_grad_in_place_after_a_retained_backward_is_a_clear_error():
+    """x.grad is the saved buffer: zeroing it in place loses what a second backward needs. The error says so
+    (instead of autograd's 'modified by an inplace operation'); set_to_none is the way that works."""
+    z, t = case()
+    x = z.clone().requires_grad_(True)
+    loss = dece_loss(x, t, alpha=0.9)
+    loss.backward(retain_graph=True)
+    x.grad.zero_()
+    with pytest.raises(RuntimeError, match=r"x\.grad\.zero_\(\).*set_to_none=True"):
+        loss.backward()
+
+    x.grad = None
+    loss = dece_loss(x, t, alpha=0.9)
+    loss.backward(retain_graph=True)
+    x.grad = None                                  # optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    _, ref_grad = reference(z, t, alpha=0.9, eps=0.05, floor=1e-7)
+    torch.testing.assert_close(x.grad.double(), ref_grad, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("upstream", [1.0, 0.5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_single_backward_makes_the_saved_buffer_the_grad(dtype, upstream):
+    """The common single backward copies nothing: x.grad is the buffer the forward saved (scaled in place
+    by a non-unit upstream gradient)."""
+    z, t = case(dtype=dtype)
+    x = z.clone().requires_grad_(True)
+    loss = dece_loss(x, t, alpha=0.9)
+    buffer = loss.grad_fn.saved_tensors[0]
+    buffer_ptr = buffer.data_ptr()
+    del buffer
+    (loss * upstream).backward()
+    assert x.grad.data_ptr() == buffer_ptr, "the gradient buffer was copied"
+
+
+def test_double_backward_is_refused():
+    """create_graph=True would return a gradient without a graph (a gradient penalty silently 0): refused."""
+    z, t = case()
+    x = z.clone().requires_grad_(True)
+    loss = dece_loss(x * 1.0, t, alpha=0.9)
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(loss, x, create_graph=True)

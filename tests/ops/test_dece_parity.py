@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dece_ds import dece_loss
-from tests.ops.formula64 import IGNORE, assert_close_to_reference, dece64, reference, run
+from tests.ops.formula64 import IGNORE, assert_close_to_reference, ce_baseline_error, dece64, reference, run
 
 ALPHAS = [1.0, 0.99, 0.9, 0.5, 0.1]
 EPSILONS = [0.0, 0.05, 0.3]
@@ -222,26 +222,30 @@ def test_gradient_accumulation_with_num_items_equals_full_batch_mean():
     torch.testing.assert_close(acc.grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
 
 
-def test_num_items_with_reduction_none_is_consistent():
-    """reduction='none' with num_items_in_batch: either a clear error, or a forward and a gradient that
-    agree (the gradient of the returned per-token values)."""
-    vocab = 37
-    logits = make_logits((9,), vocab, seed=51)
-    target = make_target((9,), vocab, seed=51)
-    kw = dict(alpha=0.9, eps=0.05, floor=1e-7)
-    try:
-        loss, grad = run(impl, logits, target, reduction="none", num_items=3, **kw)
-    except ValueError as e:
-        assert "num_items_in_batch" in str(e)
-        return
-    ref_loss, ref_grad = reference(logits, target, reduction="none", **kw)
-    if torch.allclose(loss.double(), ref_loss, rtol=1e-5, atol=1e-6):
-        expected_grad = ref_grad                   # per-token losses as they are
-    else:
-        torch.testing.assert_close(loss.double(), ref_loss / 3, rtol=1e-5, atol=1e-6)
-        expected_grad = ref_grad / 3               # per-token losses divided by the count
-    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-7,
-                               msg="gradient does not match the returned per-token losses")
+def test_num_items_with_reduction_none_is_refused():
+    """num_items_in_batch divides the summed loss; with per-token losses there is no sum to divide."""
+    logits = make_logits((9,), 37, seed=51)
+    target = make_target((9,), 37, seed=51)
+    with pytest.raises(ValueError, match=r"^num_items_in_batch: .*needs reduction='mean' or 'sum', "
+                                         r"got reduction='none'$"):
+        impl(logits, target, reduction="none", num_items=3, alpha=0.9, eps=0.05, floor=1e-7)
+
+
+# --- logits that share a large offset ----------------------------------------------------------------
+
+@pytest.mark.parametrize("alpha,eps,floor", [(1.0, 0.1, 0.0), (1.0, 0.0, 0.0), (0.9, 0.05, 1e-7), (0.5, 0.3, 0.0)])
+def test_large_common_offset_is_as_exact_as_cross_entropy(alpha, eps, floor):
+    """1e4 + randn, V = 50k (fp32 spacing at 1e4 is 2**-10): loss and gradient within what fp32
+    F.cross_entropy errs by on the same logits, plus a few fp32 roundings of the loss."""
+    g = torch.Generator().manual_seed(17)
+    logits = 1e4 + torch.randn(6, 50_000, generator=g)
+    target = torch.randint(0, 50_000, (6,), generator=g)
+    ref_loss, ref_grad = reference(logits, target, alpha=alpha, eps=eps, floor=floor)
+    loss, grad = run(impl, logits, target, alpha=alpha, eps=eps, floor=floor)
+    assert_close_to_reference(loss, grad, ref_loss, ref_grad, logits, target)
+    ce_loss_err, _ = ce_baseline_error(logits, target)
+    loss_err = abs(loss.double().item() - ref_loss.item())
+    assert loss_err <= 4 * ce_loss_err + 4 * 2.0**-24 * abs(ref_loss.item()), (loss_err, ce_loss_err)
 
 
 # --- chunking -------------------------------------------------------------------------------------

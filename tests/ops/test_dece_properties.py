@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dece_ds import dece_loss
+from dece_ds import dece_loss, fused_linear_dece
 from tests.ops.formula64 import IGNORE, dece64, reference, run
 
 
@@ -254,3 +254,49 @@ def test_empty_batch(reduction):
         assert loss.item() == 0.0
     loss.sum().backward()
     assert x.grad.shape == (0, 17)
+
+
+# --- -inf at the target logit ------------------------------------------------------------------------------
+
+def _fused_masked_first_column(x, t, **kw):
+    """fused_linear_dece on hidden = x, weight = I, bias = [-inf, 0, ...]: logits x with column 0 at -inf."""
+    vocab = x.shape[-1]
+    bias = torch.zeros(vocab, dtype=x.dtype)
+    bias[0] = float("-inf")
+    return fused_linear_dece(x, torch.eye(vocab, dtype=x.dtype), t, bias=bias, **kw)
+
+
+def _masked_first_column(x, t, **kw):
+    return dece_loss(_masked_first_column_logits(x), t, **kw)
+
+
+@pytest.mark.parametrize("path", ["dece_loss", "fused_linear_dece"])
+@pytest.mark.parametrize("eps", [0.0, 0.05])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_minus_inf_target_logit_gives_inf_like_cross_entropy(dtype, eps, path):
+    """alpha = 1, no floor: DeCE is label-smoothed cross-entropy, and a -inf target logit makes it +inf (not
+    nan), with the same finite gradient, row by row. Column 0 is -inf; rows 1 and 4 have it as target (with
+    eps > 0 every row's loss is +inf: each gives column 0 some smoothing mass)."""
+    vocab = 30
+    z, t = logits_and_target(6, vocab, seed=9, dtype=dtype, ignore_every=0)
+    t = torch.where(t == 0, 1, t)
+    t[1] = t[4] = 0
+    fn = _masked_first_column if path == "dece_loss" else _fused_masked_first_column
+    ls = eps * vocab / (vocab - 1)
+    for reduction in ("none", "mean"):
+        loss, grad = run(lambda x, tt: fn(x, tt, alpha=1.0, label_smoothing=eps, prob_floor=0.0,
+                                          reduction=reduction), z, t)
+        ce_loss, ce_grad = run(lambda x, tt: F.cross_entropy(_masked_first_column_logits(x), tt,
+                                                             label_smoothing=ls, reduction=reduction), z.double(), t)
+        assert not torch.isnan(loss).any(), f"nan loss ({reduction})"
+        assert torch.isinf(loss).any()
+        assert torch.equal(torch.isinf(loss), torch.isinf(ce_loss)) and (loss[torch.isinf(loss)] > 0).all()
+        finite = torch.isfinite(ce_loss)
+        torch.testing.assert_close(loss[finite].double(), ce_loss[finite], rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(grad).all()
+        # column 0 of the input feeds the -inf logit in the fused path only; the other columns are the logits
+        torch.testing.assert_close(grad[:, 1:].double(), ce_grad[:, 1:], rtol=1e-5, atol=1e-7)
+
+
+def _masked_first_column_logits(x):
+    return torch.cat([torch.full_like(x[:, :1], float("-inf")), x[:, 1:]], dim=1)

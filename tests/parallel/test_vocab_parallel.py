@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from dece_ds import vocab_parallel_dece
-from dece_ds.ops.reference import reference_dece_loss
+from tests.ops.formula64 import assert_close_to_reference, dece64, reference, run
 from tests.parallel.spawn import run_distributed
 
 V = 1001  # odd: shards are uneven
@@ -80,7 +80,7 @@ def _check_rank(rank, world, dtype, reduction, uneven):
     assert bwd.count == 0, f"backward used {bwd.count} collectives"
 
     full = logits.double().requires_grad_()
-    ref = reference_dece_loss(full, target, alpha=0.95, label_smoothing=0.1, reduction=reduction)
+    ref = dece64(full, target, alpha=0.95, eps=0.1, floor=1e-7, reduction=reduction)
     (ref * scale.double()).sum().backward() if scale is not None else ref.backward()
     loss_tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=loss_tol, atol=loss_tol)
@@ -144,9 +144,59 @@ def test_missing_group_is_a_clear_error():
         vocab_parallel_dece(logits, target, alpha=0.9, vocab_start_index=5, global_vocab_size=10)
 
 
-def test_group_of_one_equals_dece_loss():
-    from dece_ds import dece_loss
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_group_of_one_matches_float64_formula(reduction):
+    """tp_group=None (and global_vocab_size = V_local): the loss and gradient of the formula in float64."""
     logits, target = _inputs(torch.float32)
-    a = vocab_parallel_dece(logits, target, alpha=0.9)
-    b = dece_loss(logits, target, alpha=0.9)
-    assert torch.equal(a, b)
+    grad_out = torch.linspace(0.5, 1.5, N) if reduction == "none" else None
+    kw = dict(alpha=0.9, eps=0.05, floor=1e-7, reduction=reduction)
+    ref_loss, ref_grad = reference(logits, target, grad_out, **kw)
+    for extra in ({}, {"global_vocab_size": V, "vocab_start_index": 0}):
+        loss, grad = run(lambda x, t, **k: vocab_parallel_dece(x, t, alpha=k["alpha"], label_smoothing=k["eps"],
+                                                                prob_floor=k["floor"], reduction=k["reduction"],
+                                                                **extra),
+                         logits, target, grad_out, **kw)
+        assert_close_to_reference(loss, grad, ref_loss, ref_grad, logits, target, reduction=reduction,
+                                  grad_out=grad_out)
+
+
+def _hardening_rank(rank, world):
+    """World > 1: a retained second backward leaves the first gradient alone; logits that share a large
+    offset are as exact as F.cross_entropy; float targets are refused as on one device."""
+    g = torch.Generator().manual_seed(7)
+    vocab, rows = 20_000, 6
+    logits = 1e4 + torch.randn(rows, vocab, generator=g)
+    target = torch.randint(0, vocab, (rows,), generator=g)
+    part = vocab // world
+    lo, hi = rank * part, (rank + 1) * part
+    kw = dict(alpha=0.9, label_smoothing=0.1, tp_group=dist.group.WORLD)
+
+    for alpha, eps, floor in ((1.0, 0.1, 0.0), (0.9, 0.05, 1e-7)):
+        local = logits[:, lo:hi].clone().requires_grad_()
+        loss = vocab_parallel_dece(local, target, alpha=alpha, label_smoothing=eps, prob_floor=floor,
+                                   tp_group=dist.group.WORLD)
+        loss.backward()
+        ref_loss, ref_grad = reference(logits, target, alpha=alpha, eps=eps, floor=floor)
+        # the yardstick: how far fp32 F.cross_entropy on the same full logits is from its float64 value
+        ce_loss, _ = run(lambda x, t: torch.nn.functional.cross_entropy(x, t), logits, target)
+        ce_err = abs(ce_loss.double().item() - dece64(logits.double(), target, alpha=1.0, eps=0.0,
+                                                       floor=0.0).item())
+        loss_err = abs(loss.double().item() - ref_loss.item())
+        assert loss_err <= 4 * ce_err + 4 * 2.0**-24 * abs(ref_loss.item()), (alpha, eps, floor, loss_err, ce_err)
+        torch.testing.assert_close(local.grad.double(), ref_grad[:, lo:hi], rtol=1e-5, atol=1e-9)
+
+    local = logits[:, lo:hi].clone().requires_grad_()
+    loss = vocab_parallel_dece(local, target, **kw)
+    (first,) = torch.autograd.grad(loss, local, retain_graph=True)
+    kept = first.clone()
+    (second,) = torch.autograd.grad(3 * loss, local)
+    assert torch.equal(first, kept), "the second backward changed the first gradient"
+    torch.testing.assert_close(second, 3 * kept, rtol=1e-6, atol=0)
+
+    with pytest.raises(TypeError, match="target: expected an int64"):
+        vocab_parallel_dece(local, target.float(), **kw)
+
+
+@pytest.mark.slow
+def test_hardening_two_ranks():
+    run_distributed(_hardening_rank, 2)
