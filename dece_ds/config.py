@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 DS_SECTION = "dece"
 
@@ -27,6 +29,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "backdoor_guard": {"alpha_base": 0.97, "label_smoothing": 0.05, "prob_floor": 1e-7, "schedule": "epoch"},
 }
 Preset = Literal[tuple(PRESETS)]  # the names above, nothing else
+
+AlphaBase = Annotated[float, Field(gt=0.0, le=1.0)]
+_ALPHA_BASE = TypeAdapter(AlphaBase, config=ConfigDict(strict=True))
+# "auto" is measured from the model before training (dece_ds.auto_alpha); nothing trains on it unresolved.
+ALPHA_AUTO_UNRESOLVED = ('dece.alpha_base: "auto" must be resolved before training '
+                         '(dece_ds.auto_alpha.resolve_alpha_base)')
 
 
 class DeceConfigError(ValueError):
@@ -51,8 +59,9 @@ class DeceConfig(BaseModel):
     label_smoothing: float = Field(
         0.05, ge=0.0, lt=1.0,
         description="epsilon: the target keeps 1-eps, every other token gets eps/(V-1).")
-    alpha_base: float = Field(
-        0.99, gt=0.0, le=1.0, description="alpha = alpha_base ** e; 1 gives label-smoothed CE.")
+    alpha_base: AlphaBase | Literal["auto"] = Field(
+        0.99, description="alpha = alpha_base ** e; 1 gives label-smoothed CE. \"auto\": set from the model's "
+                          "target-token probabilities before training (dece_ds.auto_alpha.resolve_alpha_base).")
     schedule: Schedule = Field(
         "epoch", description="epoch: e = epoch from 1; continuous: e = 1 + step/steps_per_epoch; "
                              "constant: alpha = alpha_base.")
@@ -85,6 +94,26 @@ class DeceConfig(BaseModel):
             return {**PRESETS[data["preset"]], **data}
         return data
 
+    @field_validator("alpha_base", mode="wrap")
+    @classmethod
+    def _alpha_base_or_auto(cls, value: Any, handler: Any) -> float | str:
+        # one error naming the bound (not one per union member)
+        if isinstance(value, str) and value == "auto":
+            return value
+        try:
+            return _ALPHA_BASE.validate_python(value)
+        except ValidationError as e:
+            err = e.errors()[0]
+            msg = err["msg"] if err["type"] in ("greater_than", "less_than_equal") else \
+                'Input should be a number in (0, 1] or "auto"'
+            raise PydanticCustomError(err["type"], msg) from None
+
+    def require_alpha_resolved(self) -> "DeceConfig":
+        """``self``; ``DeceConfigError`` (``ALPHA_AUTO_UNRESOLVED``) while ``alpha_base`` is still "auto"."""
+        if self.alpha_base == "auto":
+            raise DeceConfigError(ALPHA_AUTO_UNRESOLVED)
+        return self
+
     @model_validator(mode="after")
     def _schedule_needs_steps(self, info: ValidationInfo) -> "DeceConfig":
         # context {"steps_per_epoch_later": True}: the caller fills steps_per_epoch in once it is known
@@ -92,7 +121,7 @@ class DeceConfig(BaseModel):
         if self.schedule == "continuous" and self.steps_per_epoch is None and not later:
             raise ValueError(
                 "steps_per_epoch: required when schedule='continuous' (e = 1 + step / steps_per_epoch), got None")
-        if self.alpha_min > self.alpha_base:
+        if self.alpha_base != "auto" and self.alpha_min > self.alpha_base:
             raise ValueError(f"alpha_min: must be <= alpha_base ({self.alpha_base}), got {self.alpha_min}")
         return self
 

@@ -97,6 +97,11 @@ def _provenance_line(prov: Mapping[str, Any], extra: str = "") -> str:
 
 def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:  # a union member with its own bounds: float (> 0.0, ≤ 1.0) | "auto"
+        inner, *meta = typing.get_args(annotation)
+        bounds = ", ".join(b for b in (_bounds(types.SimpleNamespace(metadata=list(m.metadata) if hasattr(m, "metadata")
+                                                                      else [m])) for m in meta) if b)
+        return _type_name(inner) + (f" ({bounds})" if bounds else "")
     if origin is typing.Literal:
         return " \\| ".join(json.dumps(a) for a in typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):

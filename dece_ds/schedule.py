@@ -34,6 +34,9 @@ class AlphaSchedule:
     step: int = 0
     epoch: int | None = None  # set explicitly by set_epoch; overrides the step count
 
+    def __post_init__(self) -> None:
+        self.config.require_alpha_resolved()  # alpha_base "auto" is not a number to train with
+
     def set_epoch(self, epoch: int) -> None:
         if int(epoch) != epoch or epoch < 1:
             raise ValueError(f"epoch: counted from 1, got {epoch!r}")

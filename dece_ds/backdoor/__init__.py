@@ -11,7 +11,15 @@ model; ``cache``: atomic cache entries), ``report`` (tables, figure) <- ``experi
 """
 
 from .data import DataFormatError, load_lyra, load_pairs_csv, write_lyra, write_pairs_csv
-from .metrics import attack_success_rate, bleu4, code_bleu, exact_match, false_trigger_rate, sentence_bleu
+from .metrics import (
+    attack_success_rate,
+    bleu4,
+    code_bleu,
+    exact_match,
+    false_trigger_rate,
+    sentence_bleu,
+    trigger_lift,
+)
 from .poison import (
     BadPreConfig,
     GrammarConfig,
@@ -37,5 +45,5 @@ __all__ = [
     "StatementPayload", "StdlibCorpusConfig", "attack_success_rate", "bleu4", "build_code_corpus",
     "build_stdlib_pairs", "code_bleu", "contains_payload", "exact_match", "false_trigger_rate",
     "is_poisonable", "load_lyra", "load_pairs_csv", "parse_attack", "poison_dataset", "poison_example",
-    "sentence_bleu", "write_lyra", "write_pairs_csv", "write_stdlib_lyra",
+    "sentence_bleu", "trigger_lift", "write_lyra", "write_pairs_csv", "write_stdlib_lyra",
 ]

@@ -4,6 +4,12 @@
 ``rows`` triggered ones (all of them when ``rows`` is None), then scores: ASR on the triggered
 generations (denominator: the poisonable test rows), BLEU-4, exact match and the false-trigger rate on
 the clean ones (references: the clean targets), CodeBLEU on request, and ``valid_ce``. Rates in percent.
+
+Trigger lift: ``untriggered_payload_rate`` is the payload rate of the clean generations for the same
+poisonable test rows the triggered set was made from (``EvalSets.trig_index``: row i of the triggered set
+is clean row ``trig_index[i]``), so no extra generation is needed; ``lift = asr - untriggered_payload_rate``.
+Both are None when the clean rows decoded this time do not cover the triggered ones (a per-epoch
+evaluation on the first rows of each set), or when ``trig_index`` is not given.
 Prompts are left-padded to the fixed ``max_src_tokens + len(sep)`` (see ``generate.py``).
 """
 
@@ -17,7 +23,7 @@ import torch.nn.functional as F
 
 from .encode import IGNORE, Tokenizer, prompt_ids
 from .generate import greedy_generate
-from .metrics import attack_success_rate, bleu4, code_bleu, exact_match, false_trigger_rate
+from .metrics import attack_success_rate, bleu4, code_bleu, exact_match, false_trigger_rate, trigger_lift
 from .progress import progress
 
 if TYPE_CHECKING:
@@ -30,6 +36,7 @@ class EvalSets:
     clean_tgt: list[str]
     trig_src: list[str]
     valid: dict[str, torch.Tensor]
+    trig_index: list[int] | None = None  # clean test row of each triggered row (PoisonInfo.indices)
 
 
 @torch.no_grad()
@@ -72,7 +79,11 @@ def evaluate(model, tok: Tokenizer, sets: EvalSets, attack, cfg: ExperimentConfi
         "false_trigger": false_trigger_rate(clean_gen, attack),
         "valid_ce": valid_ce(model, sets.valid, ev.batch_size),
         "eval_rows": {"clean": n_clean, "triggered": n_trig},
+        "untriggered_payload_rate": None, "lift": None,
     }
+    if sets.trig_index is not None and all(i < n_clean for i in sets.trig_index[:n_trig]):
+        same_untriggered = [clean_gen[i] for i in sets.trig_index[:n_trig]]
+        result.update(trigger_lift(trig_gen, same_untriggered, attack))
     if with_codebleu:
         try:
             result["codebleu"] = code_bleu(refs, clean_gen)["codebleu"]

@@ -7,8 +7,9 @@ DeepSpeed engine, epochs, baseline losses), ``evaluate`` (generation metrics, va
 
 Data flow (``run_experiment(ExperimentConfig)``):
 
-1. Data set (``load_task``): ``"stdlib"`` (the built-in standard-library pairs, statement payload) or a
-   Lyra-layout folder (SQL payload). The train split is cut in two, deterministically: the first
+1. Data set (``load_task``): ``"stdlib"`` (the built-in standard-library pairs, statement payload),
+   ``"lyra"`` (the Lyra CSVs shipped in ``dece_ds/backdoor/datasets/lyra``) or a Lyra-layout folder (SQL
+   payload). The train split is cut in two, deterministically: the first
    ``finetune_rows`` rows are the fine-tuning set (poisoned with ``attack``: the first
    ceil(rate * N) poisonable rows, the authors' selection); the rest (``pretrain_task_rows`` of
    them) are *held apart* and only ever used clean, for pretraining the stand-in. Test: the clean
@@ -36,9 +37,13 @@ Data flow (``run_experiment(ExperimentConfig)``):
 
 ``results.json`` (written after every run, so partial results survive):
 ``{"dataset", "attack", "poison_rate" (%), "config", "versions", "data", "pretrain",
-"runs": {spec: {"final": {"asr", "bleu", "codebleu", "false_trigger", "exact_match", "valid_ce"},
+"finetune_seed", "runs": {spec: {"final": {"asr", "bleu", "codebleu", "false_trigger", "exact_match", "valid_ce",
+"untriggered_payload_rate", "lift"}, "alpha_auto" (dece runs with alpha_base "auto"),
 "epochs": [{"epoch", "asr", "bleu", "exact_match", "false_trigger", "valid_ce", "alpha",
-"train_loss", "eval_rows", "wall_time_s"}], "wall_time_s", "loss"}}}``; rates and ASR in percent.
+"train_loss", "eval_rows", "wall_time_s", "untriggered_payload_rate", "lift"}], "wall_time_s", "loss"}}}``;
+rates, ASR and lift in percent. ``lift`` = ASR - ``untriggered_payload_rate`` (the payload rate of the same
+poisonable test prompts without the trigger, from the clean generations); None where an epoch's clean
+generations do not cover those prompts (per-epoch evaluation on a subset).
 """
 
 from __future__ import annotations
@@ -54,11 +59,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..config import DeceConfig
 from ..provenance import run_versions
-from .encode import Tokenizer, encode_pairs
+from .encode import IGNORE, Tokenizer, encode_pairs
 from .evaluate import EvalSets, evaluate
 from .finetune import baseline_loss_hook, make_engine, steps_per_epoch, train_epoch
 from .poison import parse_attack, poison_dataset
@@ -71,10 +76,33 @@ DEFAULT_STATEMENT_PAYLOAD = {"kind": "statement", "code": '__import__("os").syst
 
 # ---- configuration -----------------------------------------------------------------------------------
 
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    # layers x width; heads of 64 dimensions. "4x256" is the default stand-in (ModelSpec's own defaults).
+    "4x256": {"n_layer": 4, "n_embd": 256, "n_head": 4},
+    "8x512": {"n_layer": 8, "n_embd": 512, "n_head": 8},
+}
+
+
 class ModelSpec(BaseModel):
-    """The stand-in model (GPT-2 layout) and its tokenizer, or a local HF checkpoint."""
+    """The stand-in model (GPT-2 layout) and its tokenizer, or a local HF checkpoint.
+
+    ``{"size": "8x512"}`` fills ``n_layer``, ``n_embd``, ``n_head`` from ``MODEL_SIZES`` (keys given win); the
+    name is not stored, so a preset and the same numbers spelled out are one config (and one cache key).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_size(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "size" in data:
+            data = dict(data)
+            size = data.pop("size")
+            if size not in MODEL_SIZES:
+                raise ValueError(f"size: expected one of {', '.join(MODEL_SIZES)}, got {size!r}")
+            data = {**MODEL_SIZES[size], **data}
+        return data
+
     n_layer: int = Field(4, ge=1)
     n_embd: int = Field(256, ge=16)
     n_head: int = Field(4, ge=1)
@@ -119,7 +147,8 @@ class EvalSpec(BaseModel):
 
 class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    dataset: str = Field("stdlib", description="'stdlib' (built-in) or a Lyra-layout folder.")
+    dataset: str = Field("stdlib", description="'stdlib' (built-in pairs), 'lyra' (the packaged Lyra CSVs) or a "
+                                               "Lyra-layout folder.")
     stdlib_examples: int | None = Field(None, ge=10, description="Cap on the built-in pairs (all splits).")
     attack: dict = Field(default_factory=lambda: {"attack": "badpre", "rate": 0.05})
     finetune_rows: int | None = Field(None, ge=2, description="Train rows fine-tuned on; None: all.")
@@ -129,6 +158,9 @@ class ExperimentConfig(BaseModel):
         "the fine-tuning ones: disjoint sets) or 'train_tail' (the last rows of the train split, which the "
         "fine-tuning set may include, clean: the poison goes into its first rows and never into these).")
     runs: tuple[str, ...] = ("clean", "ce", "dece")
+    auto_alpha_quantile: float = Field(
+        0.1, gt=0.0, lt=1.0, description="dece runs with alpha_base 'auto': the quantile q of the stand-in's "
+        "target-token probabilities that keeps half of CE's gradient (dece_ds.auto_alpha).")
     dece: dict = Field(default_factory=lambda: {"alpha_base": 0.99, "label_smoothing": 0.05},
                        description="Defaults of the dece runs (a DeceConfig section).")
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -175,6 +207,13 @@ class ExperimentConfig(BaseModel):
     def dataset_name(self) -> str:
         return "stdlib" if self.dataset == "stdlib" else Path(self.dataset).name
 
+    def dataset_folder(self) -> Path:
+        """The Lyra-layout folder read for this dataset (the packaged one for a built-in name)."""
+        from .datasets import BUILTIN, builtin_folder
+        if self.dataset == "stdlib":
+            raise ValueError("dataset: 'stdlib' is built from the standard library, not read from a folder")
+        return builtin_folder(self.dataset) if self.dataset in BUILTIN else Path(self.dataset)
+
     def stem(self) -> str:
         if self.name:
             return self.name
@@ -214,7 +253,7 @@ def load_task(cfg: ExperimentConfig):
     if cfg.dataset == "stdlib":
         ds = build_stdlib_pairs(max_examples=cfg.stdlib_examples) if cfg.stdlib_examples else build_stdlib_pairs()
     else:
-        ds = load_lyra(cfg.dataset)
+        ds = load_lyra(cfg.dataset_folder())
     train = ds["train"]
     n_ft = min(cfg.finetune_rows or len(train), len(train))
     finetune = train.select(range(n_ft))
@@ -256,12 +295,13 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, log: Calla
     train_sets = {"clean": encode_pairs(tok, list(finetune), spec),
                   "poisoned": encode_pairs(tok, list(poisoned), spec)}
     sets = EvalSets(clean_src=list(test["src"]), clean_tgt=list(test["tgt"]), trig_src=list(triggered["src"]),
-                    valid=encode_pairs(tok, list(valid), spec))
+                    valid=encode_pairs(tok, list(valid), spec), trig_index=list(t_info.indices))
     truncated = float((train_sets["clean"]["attention_mask"].sum(1) == spec.max_len).float().mean()) * 100
     results: dict[str, Any] = {
         "dataset": cfg.dataset_name(), "attack": attack.attack, "poison_rate": 100.0 * attack.rate,
         "config": {**cfg.model_dump(mode="json"), "attack_resolved": attack.model_dump(mode="json")},
         "versions": versions(),
+        "finetune_seed": cfg.seed if cfg.finetune_seed is None else cfg.finetune_seed,
         "data": {"finetune_rows": len(finetune), "poisoned_rows": p_info.n_poisoned,
                  "held_apart_first_train_row": first_held,
                  "poisonable_train_rows": p_info.n_poisonable, "held_apart_rows": len(held),
@@ -306,6 +346,15 @@ def fine_tune_run(cfg: ExperimentConfig, spec_str: str, base_state: Mapping[str,
         # a preset in the run spec replaces the experiment's dece defaults (explicit keys still win)
         defaults = {} if "preset" in params else {"schedule": "epoch", **cfg.dece}
         dece = {"enabled": True, **defaults, **params, "steps_per_epoch": spe}
+    alpha_auto = None
+    if dece is not None and dece.get("alpha_base") == "auto":
+        from ..auto_alpha import resolve_alpha_base
+        resolved, alpha_auto = resolve_alpha_base(
+            model, DeceConfig.from_dict(dece), _auto_alpha_batches(data, ft.batch_size, ft_seed),
+            quantile=cfg.auto_alpha_quantile, epoch_target_tokens=int((data["labels"] != IGNORE).sum()))
+        dece = {**dece, "alpha_base": resolved.alpha_base}
+        log(f"[{spec_str}] alpha_base auto -> {resolved.alpha_base:.5f} (p_t quantile {alpha_auto['quantile']}: "
+            f"{alpha_auto['p_at_quantile']:.3g}, {alpha_auto['tokens']} tokens)")
     engine = make_engine(model, ft, spe * ft.epochs, dece)
     if kind in BASELINE_KINDS:
         baseline_loss_hook(kind, params).install(engine.module)
@@ -314,6 +363,8 @@ def fine_tune_run(cfg: ExperimentConfig, spec_str: str, base_state: Mapping[str,
     record = {"kind": kind, "loss": dece or (getattr(engine.module.loss_function, "params", None)
                                              if kind in BASELINE_KINDS else {"ce": True}),
               "epochs": []}
+    if alpha_auto is not None:
+        record["alpha_auto"] = alpha_auto
     for epoch in range(1, ft.epochs + 1):
         alpha = _current_alpha(engine.module)
         loss = train_epoch(engine, data, ft.batch_size, ft_seed, epoch, f"{spec_str} {epoch}/{ft.epochs}")
@@ -327,10 +378,19 @@ def fine_tune_run(cfg: ExperimentConfig, spec_str: str, base_state: Mapping[str,
             f"ASR {ev['asr']:.1f} false-trigger {ev['false_trigger']:.1f} valid CE {ev['valid_ce']:.3f}")
     final = dict(record["epochs"][-1])
     record["final"] = {k: final.get(k) for k in ("asr", "bleu", "codebleu", "false_trigger", "exact_match",
-                                                 "valid_ce")}
+                                                 "valid_ce", "untriggered_payload_rate", "lift")}
     record["samples"] = samples
     record["wall_time_s"] = time.time() - t0
     return record
+
+
+def _auto_alpha_batches(data: Mapping[str, torch.Tensor], batch_size: int, seed: int):
+    """The fine-tuning rows in the first epoch's batch order (``train_epoch``'s permutation), as batches."""
+    import numpy as np
+    order = torch.as_tensor(np.random.default_rng([seed, 1]).permutation(data["input_ids"].shape[0]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        yield {k: data[k][idx] for k in ("input_ids", "attention_mask", "labels")}
 
 
 def _current_alpha(model) -> float | None:

@@ -5,6 +5,11 @@
   BLEU, CodeBLEU, ASR), then per run: false-trigger rate, exact match, clean validation CE, wall time.
 - ``<stem>.png``: ASR and BLEU against epoch, one line per run (the "early learning" curve).
 ``combined_table(results_list)`` puts several results (attacks / rates) side by side as the paper does.
+
+Trigger lift (``final.lift``: ASR minus the payload rate of the same prompts without the trigger) joins
+the tables when any run has it; results written before it existed show "–". A DeCE run whose
+alpha_base was "auto" shows the value picked (``alpha_auto.alpha_base``) beside its result. Over several
+fine-tuning seeds: ``aggregate.seed_tables``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,24 @@ def _f(x, digits: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+MISSING = "–"  # a key the results file predates (lift, untriggered payload rate)
+
+
+def _opt(final, key: str, digits: int = 1) -> str:
+    value = (final or {}).get(key)
+    return MISSING if value is None else f"{value:.{digits}f}"
+
+
+def has_lift(results_list: Sequence[Mapping[str, Any]]) -> bool:
+    return any("lift" in (run.get("final") or {}) for r in results_list for run in r["runs"].values())
+
+
+def auto_alpha_note(run: Mapping[str, Any]) -> str:
+    """`` (auto alpha_base 0.9731)`` for a DeCE run whose alpha_base was "auto", else ``""``."""
+    auto = run.get("alpha_auto")
+    return "" if not auto else f" (auto alpha_base {auto['alpha_base']:.4f})"
+
+
 def column_name(results: Mapping[str, Any]) -> str:
     """``"badpre 10%"``; ``"badpre x3 10%"`` when each instruction got more than one trigger word."""
     attack = (results.get("config") or {}).get("attack") or {}
@@ -58,25 +81,31 @@ def combined_table(results_list: Sequence[Mapping[str, Any]]) -> str:
     for r in results_list:
         specs.extend(s for s in r["runs"] if s not in specs)
     specs.sort(key=_row_rank)  # the paper's row order, whichever file a run came from
-    head = "| run | " + " | ".join(f"{column_name(r)}: BLEU / CodeBLEU / ASR" for r in results_list) + " |"
+    lift = has_lift(results_list)
+    what = "BLEU / CodeBLEU / ASR / lift" if lift else "BLEU / CodeBLEU / ASR"
+    head = "| run | " + " | ".join(f"{column_name(r)}: {what}" for r in results_list) + " |"
     lines = [head, "|---|" + "---|" * len(results_list)]
     for spec in specs:
         cells = []
         for r in results_list:
-            final = r["runs"].get(spec, {}).get("final")
+            run = r["runs"].get(spec, {})
+            final = run.get("final")
             cells.append("-" if final is None else
-                         f"{_f(final['bleu'])} / {_f(final.get('codebleu'))} / {_f(final['asr'], 1)}")
+                         f"{_f(final['bleu'])} / {_f(final.get('codebleu'))} / {_f(final['asr'], 1)}"
+                         + (f" / {_opt(final, 'lift')}" if lift else "") + auto_alpha_note(run))
         lines.append(f"| {run_label(spec)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def detail_table(results: Mapping[str, Any]) -> str:
-    lines = ["| run | BLEU | CodeBLEU | EM | ASR % | false trigger % | valid CE | epochs | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | BLEU | CodeBLEU | EM | ASR % | untriggered payload % | lift | false trigger % | valid CE "
+             "| epochs | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for spec, run in results["runs"].items():
         f = run["final"]
-        lines.append(f"| {run_label(spec)} | {_f(f['bleu'])} | {_f(f.get('codebleu'))} | "
-                     f"{_f(f.get('exact_match'), 1)} | {_f(f['asr'], 1)} | {_f(f['false_trigger'], 1)} | "
+        lines.append(f"| {run_label(spec)}{auto_alpha_note(run)} | {_f(f['bleu'])} | {_f(f.get('codebleu'))} | "
+                     f"{_f(f.get('exact_match'), 1)} | {_f(f['asr'], 1)} | {_opt(f, 'untriggered_payload_rate')} | "
+                     f"{_opt(f, 'lift')} | {_f(f['false_trigger'], 1)} | "
                      f"{_f(f.get('valid_ce'), 3)} | {len(run['epochs'])} | {run.get('wall_time_s', 0):.0f} |")
     return "\n".join(lines)
 

@@ -51,14 +51,47 @@ def _hash(obj) -> str:
 
 
 def stand_in_key(cfg: ExperimentConfig, n_corpus: int) -> str:
-    """The cache key: model, pretraining stage, data selection, seed, corpus size. Unchanged since v2."""
+    """The cache key: model, pretraining stage, data set (``dataset_key``), data selection, seed, corpus size.
+    Unchanged since v2 for every config that ran before (the packaged Lyra keeps its old folder's key)."""
     pt = cfg.pretrain
     # lr_schedule joined the key only when not the default, so stand-ins cached before it existed stay valid.
     pt_key = pt.model_dump(exclude={"lr_schedule"} if pt.lr_schedule == "decay" else None)
-    return _hash({"model": cfg.model.model_dump(), "pretrain": pt_key, "dataset": cfg.dataset,
+    return _hash({"model": cfg.model.model_dump(), "pretrain": pt_key, "dataset": dataset_key(cfg.dataset),
                   "stdlib_examples": cfg.stdlib_examples, "finetune_rows": cfg.finetune_rows,
                   "held": cfg.pretrain_task_rows, "held_from": cfg.pretrain_task_from, "seed": cfg.seed,
                   "n_corpus": n_corpus, "v": 2})
+
+
+# The packaged Lyra's identity in the key: the path the committed Lyra results (settings B-D) were cached
+# under, so their keys stay what those results record. Any folder holding the same three files maps to it.
+LYRA_KEY = "../shared/data/lyra"
+
+
+def dataset_key(dataset: str) -> str:
+    """The data set as the cache key names it: ``"stdlib"``; for ``"lyra"`` or any folder whose train/valid/test
+    files are byte-identical to the packaged Lyra, ``LYRA_KEY`` (so ``--dataset lyra`` and a copy's path share
+    one stand-in); any other folder: its path as given (as before)."""
+    from .datasets import content_digest
+    if dataset == "stdlib":
+        return dataset
+    if dataset == "lyra":
+        return LYRA_KEY
+    try:
+        same = content_digest(dataset) == _packaged_lyra_digest()
+    except OSError:  # not a readable Lyra-layout folder: the run fails later, naming it
+        same = False
+    return LYRA_KEY if same else dataset
+
+
+def _packaged_lyra_digest() -> str:
+    from .datasets import builtin_folder, content_digest
+    global _LYRA_DIGEST
+    if _LYRA_DIGEST is None:
+        _LYRA_DIGEST = content_digest(builtin_folder("lyra"))
+    return _LYRA_DIGEST
+
+
+_LYRA_DIGEST: str | None = None
 
 
 def stand_in_folder(cfg: ExperimentConfig, n_corpus: int) -> Path:

@@ -133,6 +133,8 @@ def initialize(*args, dece_config: DeceConfig | None = None, **kwargs):
         cfg = _engine_rules(dece_config)
     else:
         cfg = dece_config_for_engine(ds_config_from_initialize_args(bound))
+    if cfg.enabled:  # "auto": resolve_alpha_base(model, cfg, batches) before initialize
+        cfg.require_alpha_resolved()
     model = bound.get("model")
     if cfg.enabled:
         if model is not None and not hasattr(model, "loss_function"):
