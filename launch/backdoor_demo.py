@@ -19,6 +19,11 @@ Output: ``<out>/stdlib-badpre-10.{json,md,png}`` (results, table in the paper's 
 epoch). Runs under the DeepSpeed launcher (``--num_gpus 1`` is one CPU rank here) or plain
 ``.venv/bin/python launch/backdoor_demo.py`` (one process, gloo on a free port). ``--quick`` is a
 one-minute smoke version.
+
+``--grid``: the attack's robustness over triggers and payloads instead of one attack: BadPre with each of
+``--grid-triggers`` (default bb, cf, tq) x three payload statements (``dece_ds.backdoor.campaign``), each
+pair fine-tuned for ``--grid-epochs`` (default 4) from the one cached stand-in; one results file per pair
+and ``<out>/stdlib-badpre-10-grid.md`` (ASR / lift / BLEU per pair and run).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dece_ds.backdoor.campaign import GRID_TRIGGERS, run_grid  # noqa: E402
+from dece_ds.backdoor.cli import _alpha_base  # noqa: E402
 from dece_ds.backdoor.report import combined_table  # noqa: E402
 from dece_ds.backdoor.runner import ExperimentConfig, run_experiment  # noqa: E402
 from dece_ds.parallel.shutdown import finish_process  # noqa: E402
@@ -71,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="ce,dece", help="comma-separated: clean,ce,dece,ls,gce,intrust")
     p.add_argument("--rate", type=float, default=10.0, help="poison rate in percent")
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--alpha-base", type=float, default=0.97)
+    p.add_argument("--alpha-base", type=_alpha_base, default=0.97, help="a number, or auto (dece_ds.auto_alpha)")
     p.add_argument("--finetune-rows", type=int, default=400, help="train pairs fine-tuned on (rate%% poisoned)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
     p.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size")
@@ -80,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     p.add_argument("--cache-dir", default="runs/backdoor/cache")
     p.add_argument("--quick", action="store_true", help="tiny model and data: a smoke test of the pipeline")
+    p.add_argument("--grid", action="store_true", help="run BadPre over a trigger x payload grid (see the docstring)")
+    p.add_argument("--grid-epochs", type=int, default=4, help="fine-tuning epochs per grid point")
+    p.add_argument("--grid-triggers", default=",".join(GRID_TRIGGERS), help="comma-separated trigger words")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the DeepSpeed launcher")
     return p
 
@@ -87,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = demo_config(args)
+    if args.grid:
+        triggers = [t.strip() for t in args.grid_triggers.split(",") if t.strip()]
+        _, table = run_grid(cfg, args.out, triggers=triggers, epochs=args.grid_epochs)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(table.read_text())
+        return 0
     results = run_experiment(cfg, args.out)
     if int(os.environ.get("RANK", "0")) == 0:
         print(combined_table([results]))

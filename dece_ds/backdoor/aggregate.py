@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-from .report import MISSING, column_name, run_label
+from .report import MISSING, auto_alpha_note, column_name, run_label
 
 
 def finetune_seed(results: Mapping[str, Any]) -> int:
@@ -161,7 +161,7 @@ def grid_table(results_list: Sequence[Mapping[str, Any]]) -> str:
             final = (r["runs"].get(s) or {}).get("final")
             cells.append("-" if final is None else
                          f"{final['asr']:.1f} / {MISSING if final.get('lift') is None else format(final['lift'], '.1f')}"
-                         f" / {final['bleu']:.2f}")
+                         f" / {final['bleu']:.2f}" + auto_alpha_note(r["runs"][s]))
         lines.append(f"| `{trigger}` | `{payload}` | " + " | ".join(cells) + " |")
     summary = []
     for s in specs:

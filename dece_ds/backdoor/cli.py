@@ -1,9 +1,11 @@
 """``dece-ds backdoor run|report``: the backdoor experiment from the command line.
 
     dece-ds backdoor run --dataset stdlib --attack badpre --rate 10 --runs clean,ce,dece --out DIR
-    dece-ds backdoor run --dataset /path/to/lyra --finetune-rows 800 --pretrain-task-rows 800 ...
+    dece-ds backdoor run --dataset lyra --finetune-rows 800 --pretrain-task-rows 800 ...   (the packaged Lyra)
+    dece-ds backdoor run ... --seeds 0,1,2         (one results file per fine-tuning seed: <stem>-seed<k>.json)
     dece-ds backdoor run --config exp.json           (an ExperimentConfig as JSON; flags override it)
-    dece-ds backdoor report DIR/a.json DIR/b.json --out table.md
+    dece-ds backdoor report DIR/a.json DIR/b.json --out table.md   (+ mean ± std when the files hold several seeds)
+    dece-ds backdoor report --grid DIR/stdlib-badpre-10-grid-*.json (the trigger x payload grid's table)
 """
 
 from __future__ import annotations
@@ -42,12 +44,31 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(specs)
 
 
+def _alpha_base(text: str):
+    """``--alpha-base``: a number, or "auto" (measured from the stand-in before fine-tuning)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    from .campaign import parse_seeds
+    try:
+        return parse_seeds(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("backdoor", help="backdoor attack/defense evaluation (clean / CE / DeCE / baselines)")
     sub = p.add_subparsers(dest="backdoor_command", required=True, metavar="{run,report}")
     r = sub.add_parser("run", help="pretrain the stand-in, fine-tune every run, write <out>/<stem>.json/.md/.png")
     r.add_argument("--config", help="ExperimentConfig JSON file (flags below override its fields)")
-    r.add_argument("--dataset", help="'stdlib' (built-in) or a Lyra-layout folder (train/valid/test.csv)")
+    r.add_argument("--dataset", help="'stdlib' (built-in pairs), 'lyra' (the packaged Lyra CSVs) or a Lyra-layout "
+                                     "folder (train/valid/test.csv; a local folder named lyra: ./lyra)")
     r.add_argument("--attack", choices=["badpre", "ripple", "grammar"])
     r.add_argument("--rate", type=float, help="poison rate in percent (5 = 5%%)")
     r.add_argument("--n-insertions", type=int,
@@ -59,7 +80,11 @@ def add_parser(subparsers) -> None:
     r.add_argument("--batch-size", type=int)
     r.add_argument("--lr-schedule", choices=["decay", "constant"],
                    help="after the 10 %% warm-up: linear decay to 0 (default) or a constant lr")
-    r.add_argument("--alpha-base", type=float, help="DeCE alpha_base of the dece runs")
+    r.add_argument("--alpha-base", type=_alpha_base,
+                   help="DeCE alpha_base of the dece runs: a number, or 'auto' (set from the stand-in's target-token "
+                        "probabilities before fine-tuning, dece_ds.auto_alpha)")
+    r.add_argument("--auto-alpha-quantile", type=float,
+                   help="alpha_base auto: the quantile of p_t that keeps half of CE's gradient (default 0.1)")
     r.add_argument("--label-smoothing", type=float, help="DeCE epsilon of the dece runs")
     r.add_argument("--ce-warmup-epochs", type=int, help="DeCE: plain CE for the first N epochs")
     r.add_argument("--finetune-rows", type=int)
@@ -70,6 +95,9 @@ def add_parser(subparsers) -> None:
     r.add_argument("--pretrain-epochs", type=int)
     r.add_argument("--corpus-functions", type=int, help="standard-library functions in the pretraining corpus")
     r.add_argument("--stdlib-examples", type=int, help="cap on the built-in pairs (all splits)")
+    r.add_argument("--model-size", choices=sorted(MODEL_SIZES_HELP),
+                   help="stand-in size preset, layers x width (4x256: the default; 8x512: 8 heads); "
+                        "--layers/--width override it")
     r.add_argument("--layers", type=int)
     r.add_argument("--width", type=int)
     r.add_argument("--max-len", type=int, help="tokens per row (fixed-length padding)")
@@ -82,6 +110,9 @@ def add_parser(subparsers) -> None:
     r.add_argument("--threads", type=int)
     r.add_argument("--seed", type=int)
     r.add_argument("--finetune-seed", type=int, help="seed of the fine-tuning batch order only (same stand-in)")
+    r.add_argument("--seeds", type=_seeds,
+                   help="several fine-tuning seeds, e.g. 0,1,2: one run per seed, one results file each "
+                        "(<stem>-seed<k>.json), the same stand-in; the report gives mean ± std")
     r.add_argument("--name", help="results file stem (default <dataset>-<attack>-<rate%%>)")
     r.add_argument("--cache-dir")
     r.add_argument("--finetune-dropout", type=float, help="dropout while fine-tuning (default: the model's)")
@@ -90,10 +121,15 @@ def add_parser(subparsers) -> None:
     r.set_defaults(func=_run)
     rep = sub.add_parser("report", help="a combined markdown table (paper layout) from results JSON files")
     rep.add_argument("results", nargs="+")
+    rep.add_argument("--grid", action="store_true", help="the files are points of a trigger x payload grid: "
+                                                        "one row per file (trigger, payload)")
     rep.add_argument("--out", help="write the table here (default: print)")
     rep.add_argument("--merge", metavar="STEM", help="merge the runs of the files (same dataset/attack/rate) "
                                                     "into <dir of the first>/STEM.json/.md/.png")
     rep.set_defaults(func=_report)
+
+
+MODEL_SIZES_HELP = ("4x256", "8x512")  # dece_ds.backdoor.experiment.MODEL_SIZES (not imported at parse time)
 
 
 class CliError(ValueError):
@@ -125,6 +161,8 @@ def build_config(args: argparse.Namespace):
             attack["n_insertions"] = args.n_insertions
         base["attack"] = attack
     set_("runs", args.runs)
+    set_("model.size", getattr(args, "model_size", None))
+    set_("auto_alpha_quantile", getattr(args, "auto_alpha_quantile", None))
     for flag, path in [("epochs", "finetune.epochs"), ("lr", "finetune.lr"), ("batch_size", "finetune.batch_size"),
                        ("lr_schedule", "finetune.lr_schedule"),
                        ("alpha_base", "dece.alpha_base"), ("label_smoothing", "dece.label_smoothing"),
@@ -225,7 +263,10 @@ def check_paths(cfg, out: str) -> None:
         if Path(value).exists() and not Path(value).is_dir():
             raise CliError(f"{flag} {value}: exists and is not a folder")
     if cfg.dataset != "stdlib":
-        folder = Path(cfg.dataset)
+        try:
+            folder = cfg.dataset_folder()
+        except (OSError, ValueError) as e:
+            raise CliError(f"--dataset {cfg.dataset}: {e}") from None
         if not folder.is_dir():
             raise CliError(f"--dataset {cfg.dataset}: not 'stdlib' and not a folder (expected a Lyra-layout "
                            "folder with train.csv, valid.csv, test.csv)")
@@ -252,6 +293,9 @@ def _run(args: argparse.Namespace) -> int:
         check_values(cfg)
         if not args.print_config:
             check_paths(cfg, args.out)
+        if getattr(args, "seeds", None) and cfg.finetune_seed is not None:
+            raise CliError(f"--seeds: give either --seeds or --finetune-seed (config finetune_seed is "
+                           f"{cfg.finetune_seed})")
     except CliError as e:
         return _error("run", str(e))
     except ValidationError as e:  # a field from --config or a flag: the field path names it either way
@@ -264,15 +308,21 @@ def _run(args: argparse.Namespace) -> int:
     from ..parallel.shutdown import destroy_process_group
     from .data import DataFormatError
     from .runner import run_experiment
+    from .campaign import run_seeds
+    seeds = getattr(args, "seeds", None)
     try:
-        results = run_experiment(cfg, args.out)
+        results = run_seeds(cfg, seeds, args.out) if seeds else [run_experiment(cfg, args.out)]
     except DataFormatError as e:  # a data set file that does not parse: found before any training
         return _error("run", str(e))
     finally:
         destroy_process_group()
+    from .aggregate import has_several_seeds, seed_tables
     from .report import combined_table
-    print(combined_table([results]))
-    print(f"report: {Path(args.out) / cfg.stem()}.json / .md / .png")
+    print(combined_table(results))
+    if has_several_seeds(results):
+        print("\n" + seed_tables(results))
+    stems = [f"{cfg.stem()}-seed{s}" for s in seeds] if seeds else [cfg.stem()]
+    print("report: " + ", ".join(f"{Path(args.out) / stem}.json" for stem in stems) + " (+ .md / .png)")
     return 0
 
 
@@ -289,7 +339,13 @@ def _report(args: argparse.Namespace) -> int:
         paths = write_report(merged, Path(args.results[0]).parent, args.merge)
         print("merged:", ", ".join(str(p) for p in paths.values()))
         loaded = [merged]
-    table = combined_table(loaded) + "\n"
+    from .aggregate import grid_table, has_several_seeds, seed_tables
+    if args.grid:
+        table = grid_table(loaded) + "\n"
+    else:
+        table = combined_table(loaded) + "\n"
+        if has_several_seeds(loaded):
+            table += "\n" + seed_tables(loaded) + "\n"
     if args.out:
         try:
             Path(args.out).write_text(table)
