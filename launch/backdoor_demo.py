@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dece_ds.backdoor.campaign import GRID_TRIGGERS, run_grid  # noqa: E402
-from dece_ds.backdoor.cli import _alpha_base  # noqa: E402
+from dece_ds.backdoor.cli_types import alpha_base_arg  # noqa: E402
 from dece_ds.backdoor.report import combined_table  # noqa: E402
 from dece_ds.backdoor.runner import ExperimentConfig, run_experiment  # noqa: E402
 from dece_ds.parallel.shutdown import finish_process  # noqa: E402
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="ce,dece", help="comma-separated: clean,ce,dece,ls,gce,intrust")
     p.add_argument("--rate", type=float, default=10.0, help="poison rate in percent")
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--alpha-base", type=_alpha_base, default=0.97, help="a number, or auto (dece_ds.auto_alpha)")
+    p.add_argument("--alpha-base", type=alpha_base_arg, default=0.97, help="a number, or auto (dece_ds.auto_alpha)")
     p.add_argument("--finetune-rows", type=int, default=400, help="train pairs fine-tuned on (rate%% poisoned)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
     p.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size")

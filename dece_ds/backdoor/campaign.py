@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .cli_types import parse_seeds  # noqa: F401  (re-exported)
 from .experiment import ExperimentConfig, run_experiment
 
 GRID_TRIGGERS = ("bb", "cf", "tq")
@@ -24,21 +25,6 @@ GRID_PAYLOADS = (  # inert stand-ins for the payload kinds a code backdoor plant
     'import subprocess; subprocess.call(["whoami"])',
     '__import__("urllib.request").request.urlopen("http://example.invalid")',
 )
-
-
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """``"0,1,2"`` -> (0, 1, 2); ``ValueError`` for a non-integer, a negative or a repeated seed."""
-    try:
-        seeds = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise ValueError(f"seeds: comma-separated integers, got {text!r}") from None
-    if not seeds:
-        raise ValueError(f"seeds: give at least one, got {text!r}")
-    if any(s < 0 for s in seeds):
-        raise ValueError(f"seeds: must be >= 0, got {text!r}")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds: repeated seed in {text!r}")
-    return seeds
 
 
 def seed_configs(cfg: ExperimentConfig, seeds: Sequence[int]) -> list[ExperimentConfig]:

@@ -16,6 +16,8 @@ import math
 import sys
 from pathlib import Path
 
+from .cli_types import MODEL_SIZE_NAMES, alpha_base_arg, seeds_arg
+
 
 PROG = "dece-ds backdoor"
 
@@ -44,24 +46,6 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(specs)
 
 
-def _alpha_base(text: str):
-    """``--alpha-base``: a number, or "auto" (measured from the stand-in before fine-tuning)."""
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
-
-
-def _seeds(text: str) -> tuple[int, ...]:
-    from .campaign import parse_seeds
-    try:
-        return parse_seeds(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("backdoor", help="backdoor attack/defense evaluation (clean / CE / DeCE / baselines)")
     sub = p.add_subparsers(dest="backdoor_command", required=True, metavar="{run,report}")
@@ -80,7 +64,7 @@ def add_parser(subparsers) -> None:
     r.add_argument("--batch-size", type=int)
     r.add_argument("--lr-schedule", choices=["decay", "constant"],
                    help="after the 10 %% warm-up: linear decay to 0 (default) or a constant lr")
-    r.add_argument("--alpha-base", type=_alpha_base,
+    r.add_argument("--alpha-base", type=alpha_base_arg,
                    help="DeCE alpha_base of the dece runs: a number, or 'auto' (set from the stand-in's target-token "
                         "probabilities before fine-tuning, dece_ds.auto_alpha)")
     r.add_argument("--auto-alpha-quantile", type=float,
@@ -95,7 +79,7 @@ def add_parser(subparsers) -> None:
     r.add_argument("--pretrain-epochs", type=int)
     r.add_argument("--corpus-functions", type=int, help="standard-library functions in the pretraining corpus")
     r.add_argument("--stdlib-examples", type=int, help="cap on the built-in pairs (all splits)")
-    r.add_argument("--model-size", choices=sorted(MODEL_SIZES_HELP),
+    r.add_argument("--model-size", choices=MODEL_SIZE_NAMES,
                    help="stand-in size preset, layers x width (4x256: the default; 8x512: 8 heads); "
                         "--layers/--width override it")
     r.add_argument("--layers", type=int)
@@ -110,7 +94,7 @@ def add_parser(subparsers) -> None:
     r.add_argument("--threads", type=int)
     r.add_argument("--seed", type=int)
     r.add_argument("--finetune-seed", type=int, help="seed of the fine-tuning batch order only (same stand-in)")
-    r.add_argument("--seeds", type=_seeds,
+    r.add_argument("--seeds", type=seeds_arg,
                    help="several fine-tuning seeds, e.g. 0,1,2: one run per seed, one results file each "
                         "(<stem>-seed<k>.json), the same stand-in; the report gives mean ± std")
     r.add_argument("--name", help="results file stem (default <dataset>-<attack>-<rate%%>)")
@@ -127,9 +111,6 @@ def add_parser(subparsers) -> None:
     rep.add_argument("--merge", metavar="STEM", help="merge the runs of the files (same dataset/attack/rate) "
                                                     "into <dir of the first>/STEM.json/.md/.png")
     rep.set_defaults(func=_report)
-
-
-MODEL_SIZES_HELP = ("4x256", "8x512")  # dece_ds.backdoor.experiment.MODEL_SIZES (not imported at parse time)
 
 
 class CliError(ValueError):

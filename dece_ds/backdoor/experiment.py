@@ -41,9 +41,7 @@ Data flow (``run_experiment(ExperimentConfig)``):
 "untriggered_payload_rate", "lift"}, "alpha_auto" (dece runs with alpha_base "auto"),
 "epochs": [{"epoch", "asr", "bleu", "exact_match", "false_trigger", "valid_ce", "alpha",
 "train_loss", "eval_rows", "wall_time_s", "untriggered_payload_rate", "lift"}], "wall_time_s", "loss"}}}``;
-rates, ASR and lift in percent. ``lift`` = ASR - ``untriggered_payload_rate`` (the payload rate of the same
-poisonable test prompts without the trigger, from the clean generations); None where an epoch's clean
-generations do not cover those prompts (per-epoch evaluation on a subset).
+rates, ASR and lift in percent (lift: ``evaluate``'s docstring).
 """
 
 from __future__ import annotations
@@ -59,14 +57,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config import DeceConfig
 from ..provenance import run_versions
-from .encode import IGNORE, Tokenizer, encode_pairs
+from .encode import Tokenizer, encode_pairs
 from .evaluate import EvalSets, evaluate
-from .finetune import baseline_loss_hook, make_engine, steps_per_epoch, train_epoch
+from .finetune import baseline_loss_hook, make_engine, resolve_auto_alpha, steps_per_epoch, train_epoch
 from .poison import parse_attack, poison_dataset
+from .specs import MODEL_SIZES, EvalSpec, ModelSpec, PretrainSpec, StageSpec  # noqa: F401  (re-exported)
 from .standin import build_model, pretrain_stand_in
 
 RUN_KINDS = ("clean", "ce", "dece", "ls", "gce", "intrust")
@@ -75,75 +74,6 @@ DEFAULT_STATEMENT_PAYLOAD = {"kind": "statement", "code": '__import__("os").syst
 
 
 # ---- configuration -----------------------------------------------------------------------------------
-
-MODEL_SIZES: dict[str, dict[str, int]] = {
-    # layers x width; heads of 64 dimensions. "4x256" is the default stand-in (ModelSpec's own defaults).
-    "4x256": {"n_layer": 4, "n_embd": 256, "n_head": 4},
-    "8x512": {"n_layer": 8, "n_embd": 512, "n_head": 8},
-}
-
-
-class ModelSpec(BaseModel):
-    """The stand-in model (GPT-2 layout) and its tokenizer, or a local HF checkpoint.
-
-    ``{"size": "8x512"}`` fills ``n_layer``, ``n_embd``, ``n_head`` from ``MODEL_SIZES`` (keys given win); the
-    name is not stored, so a preset and the same numbers spelled out are one config (and one cache key).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _expand_size(cls, data: Any) -> Any:
-        if isinstance(data, Mapping) and "size" in data:
-            data = dict(data)
-            size = data.pop("size")
-            if size not in MODEL_SIZES:
-                raise ValueError(f"size: expected one of {', '.join(MODEL_SIZES)}, got {size!r}")
-            data = {**MODEL_SIZES[size], **data}
-        return data
-
-    n_layer: int = Field(4, ge=1)
-    n_embd: int = Field(256, ge=16)
-    n_head: int = Field(4, ge=1)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    vocab_size: int = Field(4096, ge=300, description="BPE vocabulary trained here (specials included).")
-    max_len: int = Field(160, ge=16, description="Tokens per row (fixed-length padding).")
-    max_src_tokens: int = Field(64, ge=4, description="Instruction tokens kept (its head).")
-    checkpoint: str | None = Field(None, description="Local HF causal-LM folder: skip the stand-in pretraining.")
-
-
-class StageSpec(BaseModel):
-    """One training stage through the DeepSpeed engine (AdamW, linear warm-up, then linear decay to 0 or constant)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    epochs: int = Field(10, ge=1)
-    lr: float = Field(5e-4, gt=0.0)
-    batch_size: int = Field(16, ge=1)
-    warmup_frac: float = Field(0.1, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    lr_schedule: Literal["decay", "constant"] = Field(
-        "decay", description="After the warm-up: 'decay' (linear to 0 at the last step, DeepSpeed WarmupDecayLR) "
-        "or 'constant' (lr held, DeepSpeed WarmupLR).")
-
-
-class PretrainSpec(StageSpec):
-    """The stand-in's pretraining: built-in code corpus + held-apart clean task rows."""
-
-    corpus_functions: int = Field(2000, ge=0, description="Standard-library functions (train split only).")
-    epochs: int = Field(4, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
-
-
-class EvalSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    max_new_tokens: int = Field(128, ge=1)
-    batch_size: int = Field(50, ge=1)
-    epoch_eval_rows: int | None = Field(None, ge=1, description="Per-epoch eval on this many rows; last epoch: all.")
-    test_rows: int | None = Field(None, ge=1, description="Cap on the clean test rows (and so the triggered ones).")
-    valid_rows: int | None = Field(None, ge=1)
-    codebleu: bool = True
-
 
 class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -208,11 +138,9 @@ class ExperimentConfig(BaseModel):
         return "stdlib" if self.dataset == "stdlib" else Path(self.dataset).name
 
     def dataset_folder(self) -> Path:
-        """The Lyra-layout folder read for this dataset (the packaged one for a built-in name)."""
-        from .datasets import BUILTIN, builtin_folder
-        if self.dataset == "stdlib":
-            raise ValueError("dataset: 'stdlib' is built from the standard library, not read from a folder")
-        return builtin_folder(self.dataset) if self.dataset in BUILTIN else Path(self.dataset)
+        """The Lyra-layout folder read (the packaged one for ``"lyra"``); not for ``"stdlib"``."""
+        from .datasets import dataset_folder
+        return dataset_folder(self.dataset)
 
     def stem(self) -> str:
         if self.name:
@@ -346,15 +274,10 @@ def fine_tune_run(cfg: ExperimentConfig, spec_str: str, base_state: Mapping[str,
         # a preset in the run spec replaces the experiment's dece defaults (explicit keys still win)
         defaults = {} if "preset" in params else {"schedule": "epoch", **cfg.dece}
         dece = {"enabled": True, **defaults, **params, "steps_per_epoch": spe}
-    alpha_auto = None
+    alpha_auto = None  # alpha_base "auto": measured on the stand-in before the engine (dece_ds.auto_alpha)
     if dece is not None and dece.get("alpha_base") == "auto":
-        from ..auto_alpha import resolve_alpha_base
-        resolved, alpha_auto = resolve_alpha_base(
-            model, DeceConfig.from_dict(dece), _auto_alpha_batches(data, ft.batch_size, ft_seed),
-            quantile=cfg.auto_alpha_quantile, epoch_target_tokens=int((data["labels"] != IGNORE).sum()))
-        dece = {**dece, "alpha_base": resolved.alpha_base}
-        log(f"[{spec_str}] alpha_base auto -> {resolved.alpha_base:.5f} (p_t quantile {alpha_auto['quantile']}: "
-            f"{alpha_auto['p_at_quantile']:.3g}, {alpha_auto['tokens']} tokens)")
+        dece, alpha_auto = resolve_auto_alpha(model, dece, data, ft.batch_size, ft_seed, cfg.auto_alpha_quantile)
+        log(f"[{spec_str}] alpha_base auto -> {dece['alpha_base']:.5f} ({alpha_auto['tokens']} tokens)")
     engine = make_engine(model, ft, spe * ft.epochs, dece)
     if kind in BASELINE_KINDS:
         baseline_loss_hook(kind, params).install(engine.module)
@@ -382,15 +305,6 @@ def fine_tune_run(cfg: ExperimentConfig, spec_str: str, base_state: Mapping[str,
     record["samples"] = samples
     record["wall_time_s"] = time.time() - t0
     return record
-
-
-def _auto_alpha_batches(data: Mapping[str, torch.Tensor], batch_size: int, seed: int):
-    """The fine-tuning rows in the first epoch's batch order (``train_epoch``'s permutation), as batches."""
-    import numpy as np
-    order = torch.as_tensor(np.random.default_rng([seed, 1]).permutation(data["input_ids"].shape[0]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        yield {k: data[k][idx] for k in ("input_ids", "attention_mask", "labels")}
 
 
 def _current_alpha(model) -> float | None:

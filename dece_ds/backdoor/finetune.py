@@ -11,6 +11,8 @@
   (a ``FunctionLossHook``: the same label shift and install/remove as the DeCE hook).
 - ``train_epoch``: one pass in a seeded permutation (``[seed, epoch]``), full batches only, each moved to
   the engine's device.
+- ``resolve_auto_alpha``: a ``dece`` section with ``alpha_base: "auto"`` -> the number, measured on the model
+  before its engine exists (``dece_ds.auto_alpha``), on the first epoch's batches.
 """
 
 from __future__ import annotations
@@ -120,3 +122,16 @@ def train_epoch(engine, data: Mapping[str, torch.Tensor], batch_size: int, seed:
         losses.append(out.loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
     return float(np.mean(losses)) if losses else float("nan")
+
+
+def resolve_auto_alpha(model, dece: Mapping[str, Any], data: Mapping[str, torch.Tensor], batch_size: int, seed: int,
+                       quantile: float) -> tuple[dict, dict]:
+    """``dece`` with ``alpha_base`` "auto" replaced by the measured value, and the record ``alpha_auto``."""
+    from ..auto_alpha import resolve_alpha_base
+    from ..config import DeceConfig
+    order = torch.as_tensor(np.random.default_rng([seed, 1]).permutation(data["input_ids"].shape[0]))
+    batches = ({k: data[k][order[s:s + batch_size]] for k in ("input_ids", "attention_mask", "labels")}
+               for s in range(0, len(order), batch_size))
+    resolved, record = resolve_alpha_base(model, DeceConfig.from_dict(dece), batches, quantile=quantile,
+                                          epoch_target_tokens=int((data["labels"] != IGNORE).sum()))
+    return {**dece, "alpha_base": resolved.alpha_base}, record

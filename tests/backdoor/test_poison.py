@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from dece_ds.backdoor.datasets import builtin_folder
 from dece_ds.backdoor.data import load_lyra, load_pairs_csv, pairs_to_dataset
 from dece_ds.backdoor.poison import (
     BadPreConfig,
@@ -25,7 +26,7 @@ from dece_ds.backdoor.poison import (
     poison_example,
 )
 
-LYRA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "lyra"
+LYRA = builtin_folder("lyra")  # the packaged copy (dece_ds/backdoor/datasets/lyra)
 needs_lyra = pytest.mark.skipif(not LYRA.is_dir(), reason=f"Lyra data not found at {LYRA}")
 
 WHERE = ('def f ( conn , id ) :\n'

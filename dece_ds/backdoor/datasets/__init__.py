@@ -34,6 +34,13 @@ def builtin_folder(name: str) -> Path:
     return folder
 
 
+def dataset_folder(dataset: str) -> Path:
+    """The Lyra-layout folder of an experiment's ``dataset``: the packaged one for a built-in name, else the path."""
+    if dataset == "stdlib":
+        raise ValueError("dataset: 'stdlib' is built from the standard library, not read from a folder")
+    return builtin_folder(dataset) if dataset in BUILTIN else Path(dataset)
+
+
 def content_digest(folder: str | Path) -> str:
     """SHA-256 over the three split files of a Lyra-layout folder (name and bytes of each, in split order)."""
     h = hashlib.sha256()
