@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from dece_ds.backdoor.datasets import builtin_folder
 from dece_ds.backdoor.data import DataFormatError, load_lyra, load_pairs_csv, write_lyra, write_pairs_csv
 from dece_ds.backdoor.data import pairs_to_dataset
+from dece_ds.backdoor.datasets import builtin_folder
 
 LYRA = builtin_folder("lyra")  # the packaged copy (dece_ds/backdoor/datasets/lyra)
 needs_lyra = pytest.mark.skipif(not LYRA.is_dir(), reason=f"Lyra data not found at {LYRA}")

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from dece_ds.backdoor.datasets import builtin_folder
 from dece_ds.backdoor.data import load_lyra, load_pairs_csv, pairs_to_dataset
+from dece_ds.backdoor.datasets import builtin_folder
 from dece_ds.backdoor.poison import (
     BadPreConfig,
     GrammarConfig,

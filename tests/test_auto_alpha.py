@@ -1,0 +1,115 @@
+"""alpha_base "auto": the rule on a synthetic p_t distribution, end to end on a tiny model, and every
+consumer that needs a number refusing an unresolved "auto" with one message."""
+
+import re
+
+import pytest
+import torch
+
+from dece_ds import DeceConfig, DeceLoss
+from dece_ds.auto_alpha import (
+    alpha_base_from_probs,
+    alpha_for_weight,
+    dece_weight,
+    first_exponent,
+    measure_target_probs,
+    resolve_alpha_base,
+    token_budget,
+)
+from dece_ds.config import ALPHA_AUTO_UNRESOLVED, DeceConfigError
+from dece_ds.schedule import AlphaSchedule
+
+MESSAGE = 'dece.alpha_base: "auto" must be resolved before training (dece_ds.auto_alpha.resolve_alpha_base)'
+
+
+def test_config_accepts_auto_and_keeps_its_bounds():
+    assert DeceConfig(alpha_base="auto").alpha_base == "auto"
+    assert DeceConfig.from_dict({"alpha_base": "auto", "alpha_min": 0.5}).alpha_min == 0.5  # no comparison yet
+    assert DeceConfig(alpha_base=1).alpha_base == 1.0
+    for bad, msg in [(2, "less than or equal to 1 (got 2)"), (0, "greater than 0 (got 0)"),
+                     ("x", 'a number in (0, 1] or "auto" (got \'x\')'), (True, 'a number in (0, 1] or "auto" (got True)')]:
+        with pytest.raises(DeceConfigError, match=re.escape("dece.alpha_base: Input should be " + msg)):
+            DeceConfig.from_dict({"alpha_base": bad})
+    assert DeceConfig.model_json_schema()["properties"]["alpha_base"]["anyOf"][1] == {"const": "auto", "type": "string"}
+
+
+def test_unresolved_auto_is_refused_by_every_consumer():
+    assert ALPHA_AUTO_UNRESOLVED == MESSAGE
+    cfg = DeceConfig(alpha_base="auto", steps_per_epoch=10)
+    with pytest.raises(DeceConfigError, match="must be resolved before training"):
+        AlphaSchedule(cfg)
+    with pytest.raises(DeceConfigError) as e:
+        DeceLoss(cfg)
+    assert str(e.value) == MESSAGE
+    import dece_ds
+    with pytest.raises(DeceConfigError) as e:  # before any engine or process-group work
+        dece_ds.initialize(model=torch.nn.Linear(2, 2), config={"train_micro_batch_size_per_gpu": 1,
+                                                               "dece": {"alpha_base": "auto", "steps_per_epoch": 5}})
+    assert str(e.value) == MESSAGE
+
+
+def test_rule_on_a_synthetic_distribution():
+    eps = 0.05
+    torch.manual_seed(0)
+    p_t = torch.cat([torch.full((800,), 0.5), torch.logspace(-6, -1, 200)])  # a 20 % tail from 1e-6 to 0.1
+    cfg = DeceConfig(label_smoothing=eps, alpha_base="auto")
+    alpha, rec = alpha_base_from_probs(p_t, cfg, quantile=0.1)
+    p_q = float(torch.quantile(p_t.double(), 0.1))
+    assert 1e-4 < p_q < 1e-3  # inside the tail
+    assert rec["p_at_quantile"] == pytest.approx(p_q) and rec["tokens"] == 1000 and rec["first_exponent"] == 1.0
+    assert alpha == pytest.approx((1 - eps) / (p_q + 1 - eps))
+    assert dece_weight(p_q, alpha, eps) == pytest.approx(0.5)  # half of CE's gradient at the q-th percentile
+    assert dece_weight(0.5, alpha, eps) > 0.99  # the tokens the model predicts: nearly CE's gradient
+    assert dece_weight(1e-6, alpha, eps) < 0.01  # a payload-like tail token: refused
+    assert dece_weight(torch.tensor([1e-6, p_q, 0.5]), alpha, eps).tolist() == pytest.approx(
+        [1e-6 / (1e-6 + p_q), 0.5, 0.5 / (0.5 + p_q)])  # w(p) = p / (p + p_q)
+    assert set(rec["p_t_quantiles"]) == {"0.01", "0.05", "0.1", "0.25", "0.5"}
+    # after a CE warm-up the first DeCE epoch is e = 3: alpha_base ** 3 hits the same alpha
+    warm = DeceConfig(label_smoothing=eps, alpha_base="auto", ce_warmup_epochs=2)
+    assert first_exponent(warm) == 3.0 and first_exponent(DeceConfig(schedule="constant", ce_warmup_epochs=2)) == 1.0
+    alpha_w, rec_w = alpha_base_from_probs(p_t, warm, quantile=0.1)
+    assert alpha_w ** 3 == pytest.approx(alpha) and rec_w["alpha_first_epoch"] == pytest.approx(alpha)
+    assert alpha_for_weight(0.01, eps, 0.9) > alpha_for_weight(0.01, eps, 0.5)  # more weight: larger alpha
+    with pytest.raises(ValueError, match="quantile"):
+        alpha_base_from_probs(p_t, cfg, quantile=1.0)
+
+
+def test_token_budget():
+    assert token_budget(100_000) == 2000  # 2 % of the epoch's target tokens
+    assert token_budget(1000) == 256 and token_budget(10 ** 8) == 8192 and token_budget(None) == 8192
+
+
+class _TinyLM(torch.nn.Module):
+    """A causal LM's interface (``.logits``), a fixed distribution per previous token."""
+
+    def __init__(self, vocab=11):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, input_ids, attention_mask=None):
+        return type("Out", (), {"logits": self.emb(input_ids)})()
+
+
+def test_end_to_end_on_a_tiny_model():
+    model = _TinyLM().train()
+    ids = torch.randint(0, 11, (6, 9))
+    labels = ids.clone()
+    labels[:, :3] = -100  # the prompt: no loss
+    batches = [{"input_ids": ids[i:i + 2], "attention_mask": torch.ones(2, 9, dtype=torch.long),
+                "labels": labels[i:i + 2]} for i in range(0, 6, 2)]
+    p = measure_target_probs(model, batches, max_tokens=1000)
+    logp = torch.log_softmax(model.emb(ids)[:, :-1].float(), -1)
+    tgt = labels[:, 1:]
+    ref = logp[tgt != -100].gather(1, tgt[tgt != -100].unsqueeze(1)).squeeze(1).exp()
+    assert torch.allclose(p, ref) and model.training  # the training mode comes back
+    assert measure_target_probs(model, batches, max_tokens=7).numel() == 7
+    cfg = DeceConfig(alpha_base="auto", steps_per_epoch=3)
+    resolved, rec = resolve_alpha_base(model, cfg, batches, min_tokens=10, max_tokens=30)
+    assert resolved.alpha_base == pytest.approx(rec["alpha_base"]) and rec["tokens"] == 30
+    assert resolved.model_dump(exclude={"alpha_base"}) == cfg.model_dump(exclude={"alpha_base"})
+    AlphaSchedule(resolved)  # a number now
+    same, none = resolve_alpha_base(model, DeceConfig(alpha_base=0.9), batches)
+    assert same.alpha_base == 0.9 and none is None
+    with pytest.raises(ValueError, match="no target tokens"):
+        measure_target_probs(model, [{"input_ids": ids[:1], "labels": torch.full((1, 9), -100)}], 10)
