@@ -22,7 +22,7 @@ one-minute smoke version.
 
 ``--grid``: the attack's robustness over triggers and payloads instead of one attack: BadPre with each of
 ``--grid-triggers`` (default bb, cf, tq) x three payload statements (``dece_ds.backdoor.campaign``), each
-pair fine-tuned for ``--grid-epochs`` (default 4) from the one cached stand-in; one results file per pair
+pair fine-tuned for ``--grid-epochs`` (default 6; the single demo: 8) from the one cached stand-in; one results file per pair
 and ``<out>/stdlib-badpre-10-grid.md`` (ASR / lift / BLEU per pair and run).
 """
 
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default="runs/backdoor/cache")
     p.add_argument("--quick", action="store_true", help="tiny model and data: a smoke test of the pipeline")
     p.add_argument("--grid", action="store_true", help="run BadPre over a trigger x payload grid (see the docstring)")
-    p.add_argument("--grid-epochs", type=int, default=4, help="fine-tuning epochs per grid point")
+    p.add_argument("--grid-epochs", type=int, default=6, help="fine-tuning epochs per grid point (the demo: 8)")
     p.add_argument("--grid-triggers", default=",".join(GRID_TRIGGERS), help="comma-separated trigger words")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the DeepSpeed launcher")
     return p

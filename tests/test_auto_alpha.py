@@ -113,3 +113,13 @@ def test_end_to_end_on_a_tiny_model():
     assert same.alpha_base == 0.9 and none is None
     with pytest.raises(ValueError, match="no target tokens"):
         measure_target_probs(model, [{"input_ids": ids[:1], "labels": torch.full((1, 9), -100)}], 10)
+
+
+def test_hf_trainer_refuses_unresolved_auto_when_applied():
+    from types import SimpleNamespace
+
+    from dece_ds.integrations.transformers import apply_dece_to_trainer
+    trainer = SimpleNamespace(args=SimpleNamespace(deepspeed=None), callback_handler=SimpleNamespace(callbacks=[]))
+    with pytest.raises(DeceConfigError) as e:
+        apply_dece_to_trainer(trainer, config={"alpha_base": "auto", "steps_per_epoch": 5})
+    assert str(e.value) == MESSAGE

@@ -316,7 +316,8 @@ def test_cli_config_schema(capsys):
     props = schema["properties"]
     assert set(props) == set(DEFAULTS)
     assert props["label_smoothing"]["minimum"] == 0 and props["label_smoothing"]["exclusiveMaximum"] == 1
-    assert props["alpha_base"]["exclusiveMinimum"] == 0 and props["alpha_base"]["maximum"] == 1
+    number, auto = props["alpha_base"]["anyOf"]  # a number in (0, 1], or "auto" (dece_ds.auto_alpha)
+    assert number["exclusiveMinimum"] == 0 and number["maximum"] == 1 and auto["const"] == "auto"
     assert set(props["reduction"]["enum"]) == {"mean", "sum", "none"}
     assert set(props["schedule"]["enum"]) == {"epoch", "continuous", "constant"}
     for name, prop in props.items():

@@ -148,6 +148,8 @@ def apply_dece_to_trainer(trainer, config=None):
             raise DeceConfigError("trainer.args.deepspeed: no DeepSpeed config to read the 'dece' section from; "
                                   "pass --deepspeed ds.json or apply_dece_to_trainer(trainer, config=...)")
     cfg = resolve_dece_config(config)
+    if cfg.enabled:  # "auto": dece_ds.auto_alpha.resolve_alpha_base(model, cfg, batches) first
+        cfg.require_alpha_resolved()
     cls = DeceTrainerCallback
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, cls):
