@@ -1,8 +1,8 @@
 # .venv/bin/deepspeed --num_gpus 2 launch/demo.py
 """The demo: a tiny Llama trained with DeCE on 2 CPU ranks (AutoTP TP=2 + ZeRO-3, ds_configs/cpu_demo.json).
 
-Data: 320 NL -> code rows of Lyra (``../shared/data/lyra/train.csv``, columns src,tgt; a small
-synthetic stand-in if that file is missing), completion-only loss, 3 epochs of 40 optimizer steps, so
+Data: 320 NL -> code rows of Lyra (``dece_ds/backdoor/datasets/lyra/train.csv``, shipped in the package;
+columns src,tgt; a small synthetic stand-in if that file is missing), completion-only loss, 3 epochs of 40 optimizer steps, so
 alpha = 0.9 ** epoch steps down twice. Takes 1-3 minutes on 2 CPU cores. Extra arguments go to
 launch/train.py (e.g. ``--out``). Prints where its output is: the per-step log, the checkpoints and the
 exported model. (It will become the backdoor demo: poisoned data, CE vs DeCE, attack success rate.)
@@ -21,9 +21,10 @@ sys.path.insert(0, str(HERE))
 
 import train  # noqa: E402  (launch/train.py)
 
+from dece_ds.backdoor.datasets import builtin_folder  # noqa: E402
 from dece_ds.parallel.shutdown import finish_process  # noqa: E402
 
-LYRA = REPO.parent / "shared" / "data" / "lyra" / "train.csv"
+LYRA = builtin_folder("lyra") / "train.csv"  # the packaged copy (dece_ds/backdoor/datasets/lyra)
 
 
 def synthetic_data(path: Path, n: int = 320) -> Path:

@@ -1,4 +1,4 @@
-# .venv/bin/deepspeed --num_gpus 2 launch/train.py --deepspeed_config ds_configs/cpu_demo.json --data ../shared/data/lyra/train.csv --prompt-field src --completion-field tgt --model tiny-llama --out runs/train
+# .venv/bin/deepspeed --num_gpus 2 launch/train.py --deepspeed_config ds_configs/cpu_demo.json --data dece_ds/backdoor/datasets/lyra/train.csv --prompt-field src --completion-field tgt --model tiny-llama --out runs/train
 """Causal-LM fine-tuning / continued pretraining through the DeepSpeed engine, with DeCE from the config.
 
 The same script runs under every launcher (2 ranks here; N anywhere):

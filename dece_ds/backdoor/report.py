@@ -83,7 +83,9 @@ def combined_table(results_list: Sequence[Mapping[str, Any]]) -> str:
     specs.sort(key=_row_rank)  # the paper's row order, whichever file a run came from
     lift = has_lift(results_list)
     what = "BLEU / CodeBLEU / ASR / lift" if lift else "BLEU / CodeBLEU / ASR"
-    head = "| run | " + " | ".join(f"{column_name(r)}: {what}" for r in results_list) + " |"
+    from .aggregate import finetune_seed, has_several_seeds
+    seed = (lambda r: f" seed {finetune_seed(r)}") if has_several_seeds(results_list) else (lambda r: "")
+    head = "| run | " + " | ".join(f"{column_name(r)}{seed(r)}: {what}" for r in results_list) + " |"
     lines = [head, "|---|" + "---|" * len(results_list)]
     for spec in specs:
         cells = []

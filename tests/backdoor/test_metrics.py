@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from dece_ds.backdoor.datasets import builtin_folder
 from dece_ds.backdoor.metrics import (
     attack_success_rate,
     bleu4,
@@ -15,7 +16,7 @@ from dece_ds.backdoor.metrics import (
 )
 from dece_ds.backdoor.poison import BadPreConfig, StatementPayload
 
-LYRA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "lyra"
+LYRA = builtin_folder("lyra")  # the packaged copy
 
 
 def lyra_pairs(n=60):

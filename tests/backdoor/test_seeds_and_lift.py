@@ -124,6 +124,7 @@ def test_report_cli_prints_seed_tables(tmp_path):
                          text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "Over fine-tuning seeds" in out.stdout and "larger than the spread" in out.stdout
+    assert "| run | badpre x3 10% seed 0: BLEU / CodeBLEU / ASR / lift | badpre x3 10% seed 1:" in out.stdout
     out = subprocess.run([sys.executable, "-m", "dece_ds.cli", "backdoor", "report", paths[0]], capture_output=True,
                          text=True, env=env, timeout=120)
     assert "Over fine-tuning seeds" not in out.stdout  # one seed: the table as before
