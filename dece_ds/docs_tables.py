@@ -166,13 +166,15 @@ def _backdoor(root: Path, stem: str) -> dict[str, Any]:
 
 
 def _run_label(spec: str, run: Mapping[str, Any]) -> str:
-    """``report.run_label``, naming the alpha_base a bare ``dece`` spec resolved to (from the run's record)."""
-    from .backdoor.report import run_label
+    """``report.run_label``, naming the alpha_base a bare ``dece`` spec resolved to (from the run's record), and
+    the value an alpha_base "auto" picked."""
+    from .backdoor.report import auto_alpha_note, run_label
     kind, _, params = spec.partition(":")
     alpha = (run.get("loss") or {}).get("alpha_base")
     if kind == "dece" and "alpha_base=" not in params and "preset=" not in params and alpha is not None:
-        spec = f"dece:alpha_base={alpha:g}" + (f",{params}" if params else "")
-    return run_label(spec)
+        spec = f"dece:alpha_base={'auto' if run.get('alpha_auto') else format(alpha, 'g')}" + (
+            f",{params}" if params else "")
+    return run_label(spec) + auto_alpha_note(run)
 
 
 def _ordered_runs(results: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
@@ -188,17 +190,22 @@ def _ordered_runs(results: Mapping[str, Any]) -> list[tuple[str, Mapping[str, An
 
 def backdoor_runs(root: Path, arg: str) -> str:
     """One results file: a row per run, final epoch on the whole test set."""
+    from .backdoor.report import MISSING, has_lift
     stems = _stems(arg, "backdoor-runs")
+    loaded = [_backdoor(root, stem) for stem in stems]
+    lift = has_lift(loaded)  # results with the trigger lift get its column ("–" for older files beside them)
     rows = []
-    for stem in stems:
-        for spec, run in _ordered_runs(_backdoor(root, stem)):
+    for stem, results in zip(stems, loaded):
+        for spec, run in _ordered_runs(results):
             f = run["final"]
             label = _run_label(spec, run)
             first = [f"`{stem}`", label] if len(stems) > 1 else [label]
-            rows.append(first + [_f(f["bleu"]), _f(f.get("codebleu")), _f(f["asr"], 1),
-                                 _f(f["false_trigger"], 1), _f(f.get("valid_ce"), 3)])
+            rows.append(first + [_f(f["bleu"]), _f(f.get("codebleu")), _f(f["asr"], 1)]
+                        + ([MISSING if f.get("lift") is None else _f(f["lift"], 1)] if lift else [])
+                        + [_f(f["false_trigger"], 1), _f(f.get("valid_ce"), 3)])
     head = ["results", "run"] if len(stems) > 1 else ["run"]
-    return _md(head + ["BLEU", "CodeBLEU", "ASR %", "false trigger %", "valid CE"], rows)
+    return _md(head + ["BLEU", "CodeBLEU", "ASR %"] + (["lift"] if lift else []) + ["false trigger %", "valid CE"],
+               rows)
 
 
 def backdoor_epochs(root: Path, arg: str) -> str:

@@ -109,6 +109,8 @@ def test_end_to_end_on_a_tiny_model():
     assert resolved.alpha_base == pytest.approx(rec["alpha_base"]) and rec["tokens"] == 30
     assert resolved.model_dump(exclude={"alpha_base"}) == cfg.model_dump(exclude={"alpha_base"})
     AlphaSchedule(resolved)  # a number now
+    import dece_ds
+    assert dece_ds.resolve_alpha_base is resolve_alpha_base  # public: call it before dece_ds.initialize
     same, none = resolve_alpha_base(model, DeceConfig(alpha_base=0.9), batches)
     assert same.alpha_base == 0.9 and none is None
     with pytest.raises(ValueError, match="no target tokens"):

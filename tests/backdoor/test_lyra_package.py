@@ -91,6 +91,10 @@ def test_model_size_presets():
     assert MODEL_SIZE_NAMES == tuple(MODEL_SIZES)
     with pytest.raises(ValueError, match="size: expected one of 4x256, 8x512, got '2x2'"):
         ModelSpec(size="2x2")
+    from dece_ds.backdoor.standin import build_model
+    n_params = [sum(p.numel() for p in build_model(ModelSpec(size=size, max_len=192), 4096, 0).parameters())
+                for size in ("4x256", "8x512")]
+    assert n_params == [4_259_328, 27_419_648]  # about 6.4 times (docs/backdoor.md, "A larger stand-in")
     a = ExperimentConfig(model={"size": "8x512"})
     b = ExperimentConfig(model={"n_layer": 8, "n_embd": 512, "n_head": 8})
     assert stand_in_key(a, 10) == stand_in_key(b, 10) != stand_in_key(ExperimentConfig(), 10)

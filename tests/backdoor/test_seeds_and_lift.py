@@ -168,3 +168,18 @@ def test_grid_configs_and_table():
     table = grid_table(points)
     assert "| `bb` | `__import__(\"os\").system(\"id\")` | 50.0 / 49.0 / 40.00 |" in table
     assert "| all | ASR over the grid | mean 60.0, worst 70.0 |" in table
+
+
+def test_docs_runs_table_gets_lift_and_auto_alpha_only_for_new_files(tmp_path):
+    from dece_ds.docs_tables import backdoor_runs
+    folder = tmp_path / "benchmarks" / "results" / "backdoor"
+    folder.mkdir(parents=True)
+    new = _results(0, {"ce": _final(45.0, 80.0, 78.0), "dece:alpha_base=auto": _final(44.0, 0.0, 0.0)},
+                   alpha_auto=0.97312)
+    (folder / "new.json").write_text(json.dumps(new))
+    (folder / "old.json").write_text(json.dumps(_results(0, {"ce": _final(45.0, 80.0)})))
+    assert "lift" not in backdoor_runs(tmp_path, "old")  # the committed tables stay as they are
+    table = backdoor_runs(tmp_path, "new,old")
+    assert "| ASR % | lift | false trigger % |" in table
+    assert "| `old` | CE on poisoned data | 45.00 | 55.00 | 80.0 | – |" in table
+    assert "DeCE on poisoned data (alpha_base=auto) (auto alpha_base 0.9731) | 44.00 | 54.00 | 0.0 | 0.0 |" in table
