@@ -121,7 +121,8 @@ def alpha_base_from_probs(p_t: torch.Tensor, config: DeceConfig, quantile: float
 
 def token_budget(epoch_target_tokens: int | None, sample_fraction: float = SAMPLE_FRACTION,
                  min_tokens: int = MIN_TOKENS, max_tokens: int = MAX_TOKENS) -> int:
-    """Tokens measured: ``sample_fraction`` of an epoch's, clamped to [min_tokens, max_tokens]; max_tokens if unknown."""
+    """Tokens measured: ``sample_fraction`` of an epoch's, clamped to [min_tokens, max_tokens] (max_tokens if
+    the epoch's count is unknown)."""
     if epoch_target_tokens is None:
         return max_tokens
     return int(min(max_tokens, max(min_tokens, math.ceil(sample_fraction * epoch_target_tokens))))

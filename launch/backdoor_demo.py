@@ -8,10 +8,10 @@
    800 held-apart clean pairs of the train split (docstring -> code, the task's own format) and 200
    standard-library functions (valid/test functions never seen), so it knows the task's domain.
    Fine-tuning uses the first 400 train pairs (40 poisoned): 8 epochs, lr 1e-3, batch 8, dropout 0
-   (the schedule under which CE learns the trigger; at lr 5e-4, batch 16 it did not: ASR 2.7 %).
+   (the schedule under which CE learns the trigger; why: docs/backdoor.md).
 3. Fine-tune it twice through the DeepSpeed engine, same seed and data: plain CE, and DeCE
-   (``dece_ds.initialize`` with a ``dece`` section: alpha_base 0.97, epsilon 0.05; the default 0.99
-   let 15 % of the triggers through here, as on Lyra setting B -- README "Results").
+   (``dece_ds.initialize`` with a ``dece`` section: alpha_base 0.97, epsilon 0.05; why not the paper's
+   0.99: docs/backdoor.md).
 4. After each epoch: greedy decoding of the clean and the triggered test rows -> BLEU-4, exact match,
    false-trigger rate, ASR; clean validation cross-entropy. The last epoch adds CodeBLEU.
 
@@ -22,24 +22,21 @@ one-minute smoke version.
 
 ``--grid``: the attack's robustness over triggers and payloads instead of one attack: BadPre with each of
 ``--grid-triggers`` (default bb, cf, tq) x three payload statements (``dece_ds.backdoor.campaign``), each
-pair fine-tuned for ``--grid-epochs`` (default 6; the single demo: 8) from the one cached stand-in; one results file per pair
-and ``<out>/stdlib-badpre-10-grid.md`` (ASR / lift / BLEU per pair and run).
+pair fine-tuned for ``--grid-epochs`` (default 6; the single demo: 8) from the one cached stand-in; one
+results file per pair and ``<out>/stdlib-badpre-10-grid.md`` (ASR / lift / BLEU per pair and run).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dece_ds.backdoor.campaign import GRID_TRIGGERS, run_grid  # noqa: E402
-from dece_ds.backdoor.cli_types import alpha_base_arg  # noqa: E402
-from dece_ds.backdoor.report import combined_table  # noqa: E402
-from dece_ds.backdoor.runner import ExperimentConfig, run_experiment  # noqa: E402
-from dece_ds.parallel.shutdown import finish_process  # noqa: E402
+from dece_ds.backdoor.campaign import GRID_TRIGGERS, run_grid
+from dece_ds.backdoor.cli_types import alpha_base_arg
+from dece_ds.backdoor.report import combined_table
+from dece_ds.backdoor.runner import ExperimentConfig, run_experiment
+from dece_ds.parallel.shutdown import finish_process
 
 
 def demo_config(args) -> ExperimentConfig:

@@ -2,9 +2,9 @@
 """The demo: a tiny Llama trained with DeCE on 2 CPU ranks (AutoTP TP=2 + ZeRO-3, ds_configs/cpu_demo.json).
 
 Data: 320 NL -> code rows of Lyra (``dece_ds/backdoor/datasets/lyra/train.csv``, shipped in the package;
-columns src,tgt; a small synthetic stand-in if that file is missing), completion-only loss, 3 epochs of 40 optimizer steps, so
-alpha = 0.9 ** epoch steps down twice. Takes 1-3 minutes on 2 CPU cores. Extra arguments go to
-launch/train.py (e.g. ``--out``). Prints where its output is: the per-step log, the checkpoints and the
+columns src,tgt; a small synthetic stand-in if that file is missing), completion-only loss, 3 epochs of 40
+optimizer steps, so alpha = 0.9 ** epoch steps down twice. Takes 1-3 minutes on 2 CPU cores. Extra arguments
+are launch/train.py's flags (e.g. ``--out``). Prints where its output is: the per-step log, the checkpoints and the
 exported model. (It will become the backdoor demo: poisoned data, CE vs DeCE, attack success rate.)
 """
 
@@ -15,14 +15,11 @@ import os
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
+from dece_ds.backdoor.datasets import builtin_folder
+from dece_ds.parallel.shutdown import finish_process
+from dece_ds.recipes.finetune import main as train_main
 
-import train  # noqa: E402  (launch/train.py)
-
-from dece_ds.backdoor.datasets import builtin_folder  # noqa: E402
-from dece_ds.parallel.shutdown import finish_process  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 LYRA = builtin_folder("lyra") / "train.csv"  # the packaged copy (dece_ds/backdoor/datasets/lyra)
 
@@ -52,7 +49,9 @@ def main():
     argv = ["--deepspeed_config", str(REPO / "ds_configs" / "cpu_demo.json"), "--data", str(data),
             "--prompt-field", "src", "--completion-field", "tgt", "--max-samples", "320", "--model", "tiny-llama",
             "--seq-len", "128", "--epochs", "3", "--out", str(out), *extra]  # later flags win
-    train.main(argv)
+    code = train_main(argv, prog="train.py")
+    if code:
+        finish_process(code)
     if os.environ.get("RANK", "0") == "0":
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         print(f"\nDeCE demo ({'Lyra' if data == LYRA else 'synthetic data'}, {len(log)} steps):")
@@ -66,4 +65,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    finish_process()  # train.main destroyed the process group; skip interpreter teardown
+    finish_process()  # the recipe destroyed the process group; skip interpreter teardown

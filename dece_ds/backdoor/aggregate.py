@@ -159,9 +159,9 @@ def grid_table(results_list: Sequence[Mapping[str, Any]]) -> str:
         cells = []
         for s in specs:
             final = (r["runs"].get(s) or {}).get("final")
+            lift = MISSING if final is None or final.get("lift") is None else f"{final['lift']:.1f}"
             cells.append("-" if final is None else
-                         f"{final['asr']:.1f} / {MISSING if final.get('lift') is None else format(final['lift'], '.1f')}"
-                         f" / {final['bleu']:.2f}" + auto_alpha_note(r["runs"][s]))
+                         f"{final['asr']:.1f} / {lift} / {final['bleu']:.2f}" + auto_alpha_note(r["runs"][s]))
         lines.append(f"| `{trigger}` | `{payload}` | " + " | ".join(cells) + " |")
     summary = []
     for s in specs:

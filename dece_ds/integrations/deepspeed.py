@@ -24,8 +24,9 @@ Order of work:
      ``vocab_parallel_dece`` on the same shard layout (the head's ``mp_group``, ``vocab_start_index``,
      ``vocab_size``), so the logits are never gathered;
    - otherwise (no TP, or TP with a gathered head): ``dece_loss`` on the full logits;
-   - ``fused_linear: true`` (no vocab-parallel head): ``fused_linear_dece`` from the final hidden
-     states and ``lm_head.weight``, never building the logits.
+   - ``fused_linear: true``: ``fused_linear_dece`` from the final hidden states and ``lm_head.weight``
+     (with AutoTP's vocab-parallel head: this rank's weight shard, the head's own forward bypassed),
+     never building the logits.
    All three are modes of one ``integrations.hook.DeceHook``: ``current_dece_loss``,
    ``dece_client_state``, alpha logging and ``remove_dece_from_engine`` see every mode.
 4. Alpha: ``AlphaSchedule`` driven by ``engine.global_steps`` (optimizer steps taken), read at every

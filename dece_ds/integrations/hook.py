@@ -14,7 +14,8 @@ A ``DeceHook`` owns
         "vocab_shard"  this rank's columns ``[..., V_local]`` of a    -> ``vocab_parallel_dece``
                        vocabulary-parallel head (``VocabParallelHead``)
         "hidden"       final hidden states ``[..., H]`` and the head's -> ``fused_linear_dece``
-                       weight (the logits are never built)
+                       weight (the logits are never built; with a
+                       vocab-parallel head, its weight shard)
   - install / remove on a Hugging Face causal LM (its ``loss_function`` hook; in "hidden" mode also
     a pass-through ``lm_head`` while a labelled forward runs).
 
@@ -90,7 +91,8 @@ class DeceHook(CausalLMLossHook):
         config: the validated ``dece`` section (``enabled`` must be true).
         step_source: ``() -> int`` optimizer steps taken, read at every call; None: manual ``step()``.
         epoch_source: ``() -> int | None`` the epoch from 1; overrides the step for ``schedule="epoch"``.
-        shard: the vocab-parallel head's layout ("vocab_shard" mode).
+        shard: the vocab-parallel head's layout ("vocab_shard" mode; with ``fused``, the head weight is
+            this rank's vocabulary shard).
         fused: True: "hidden" mode (hidden states + the head weight); default ``config.fused_linear``.
         loss: a ``DeceLoss`` to use (its schedule state is kept); default a new one from ``config``.
     """
@@ -106,9 +108,6 @@ class DeceHook(CausalLMLossHook):
         if not config.enabled:
             raise DeceConfigError("dece.enabled: false; there is no DeCE loss to install (got False)")
         fused = config.fused_linear if fused is None else bool(fused)
-        if fused and shard is not None:
-            raise DeceConfigError("dece.fused_linear: not supported yet with AutoTP's vocab-parallel lm_head; "
-                                  "the vocab-parallel DeCE already never gathers the logits (got True)")
         self.config = config
         self.ignore_index = config.ignore_index
         self.shard = shard
@@ -206,18 +205,23 @@ class DeceHook(CausalLMLossHook):
             raise RuntimeError("dece fused-linear loss: no lm_head; install the hook on a model first")
         if not self.active:
             raise RuntimeError("dece fused-linear loss called outside a labelled forward")
-        cfg = self.config
+        cfg, shard = self.config, self.shard
         return fused_linear_dece(
             hidden, self.head.weight, target, alpha=self.loss.alpha, label_smoothing=cfg.label_smoothing,
             ignore_index=cfg.ignore_index, reduction=cfg.reduction, prob_floor=cfg.prob_floor,
-            num_items_in_batch=self._num_items(num_items_in_batch), bias=self.head.bias, chunk_size=cfg.chunk_size)
+            num_items_in_batch=self._num_items(num_items_in_batch), bias=getattr(self.head, "bias", None),
+            tp_group=shard.tp_group if shard else None, vocab_start_index=shard.vocab_start_index if shard else None,
+            global_vocab_size=shard.global_vocab_size if shard else None, chunk_size=cfg.chunk_size)
 
     # ---- "hidden" mode: a pass-through head while a labelled forward runs
     def _install_extras(self, model: nn.Module) -> None:
         if not self.fused:
             return
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if not isinstance(head, nn.Linear):
+        if self.shard is not None:  # AutoTP's VocabParallelLinear: weight [V_local, H]; its forward is bypassed
+            head = model.get_submodule(self.shard.module_name)
+        else:
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if not (isinstance(head, nn.Linear) or (self.shard is not None and torch.is_tensor(getattr(head, "weight", None)))):
             raise TypeError(f"dece.fused_linear: {type(model).__name__}.get_output_embeddings() is "
                             f"{type(head).__name__}, expected an nn.Linear lm_head")
         for key in UNFUSABLE_CONFIG_KEYS:
@@ -262,10 +266,12 @@ class DeceHook(CausalLMLossHook):
     def record(self) -> dict[str, Any]:
         """The JSON-ready record of this hook for a checkpoint's ``client_state``."""
         self.sync_schedule()
-        return {"enabled": True, "mode": self.mode, "config": self.config.to_ds_section(),
+        return {"enabled": True, "mode": self.mode, "vocab_parallel": self.shard is not None,
+                "config": self.config.to_ds_section(),
                 "schedule": self.schedule.state_dict(), "alpha": self.schedule.alpha}
 
     def __repr__(self) -> str:
-        where = {"logits": "full logits", "hidden": "fused linear: hidden states + lm_head weight"}.get(
-            self.mode) or self.shard.describe()
+        where = {"logits": "full logits", "vocab_shard": self.shard.describe() if self.shard else ""}.get(self.mode)
+        if self.mode == "hidden":
+            where = "fused linear: hidden states + lm_head weight" + (f", {self.shard.describe()}" if self.shard else "")
         return f"DeceCausalLMLoss({self.loss.extra_repr()}, {where})"

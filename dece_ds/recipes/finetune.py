@@ -10,7 +10,9 @@ one would.
 
 from __future__ import annotations
 
+import argparse
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import torch.distributed as dist
 from .checkpoint import RUN_KEY, RecipeError, resume, save_checkpoint
 from .config_io import load_ds_config
 from .loop import train_steps
-from .model import build_engine, build_tokenizer, export_safetensors
+from .model import TINY_MODELS, build_engine, build_tokenizer, export_safetensors
 from .run_log import RunLog
 from .runtime import init_distributed, is_main, make_log0
 
@@ -173,3 +175,49 @@ def run(args) -> Path:
     dist.barrier()
     dist.destroy_process_group()  # without it, ranks can abort at interpreter shutdown
     return out
+
+
+def parse_args(argv=None, prog: str | None = None, description: str | None = None):
+    """The command-line flags of the launcher (its ``--help``)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--deepspeed_config", "--deepspeed-config", required=True, help="DeepSpeed JSON with a 'dece' section")
+    p.add_argument("--data", nargs="+", required=True, help="json/jsonl/csv/parquet files")
+    p.add_argument("--data-format", choices=["json", "csv", "parquet"], help="default: from the file extension")
+    p.add_argument("--prompt-field", help="prompt column (with --completion-field: train on completions only)")
+    p.add_argument("--completion-field", help="completion column")
+    p.add_argument("--text-field", default="text", help="text column for packed pretraining (default: text)")
+    p.add_argument("--max-samples", type=int, help="use the first N rows only")
+    p.add_argument("--model", default="tiny-llama", help=f"local HF folder or one of {sorted(TINY_MODELS)}")
+    p.add_argument("--tokenizer", help="local tokenizer folder (default: the model's, or a BPE trained here)")
+    p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size for tiny models")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr if the config has no optimizer section")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (large models)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/train")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (0: at the end)")
+    p.add_argument("--resume", nargs="?", const="auto",
+                   help="resume from OUT/checkpoints (or this folder); checkpoints are unpickled: trusted files only")
+    p.add_argument("--allow-resume-mismatch", action="store_true",
+                   help="resume even if the checkpoint was made with another seed, data, batch layout or dece "
+                        "section (the run then trains on other batches than an uninterrupted one)")
+    p.add_argument("--no-export", action="store_true", help="skip the safetensors export")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--simulate-crash-after-step", type=int, help="testing: SIGKILL every rank after step N")
+    p.add_argument("--simulate-crash-during-save", type=int, help="testing: SIGKILL every rank in the middle of "
+                                                                 "the checkpoint save of step N")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by launchers
+    return p.parse_args(argv)
+
+
+def main(argv=None, prog: str | None = None, description: str | None = None) -> int:
+    """Parse the flags and run; bad input prints one ``error:`` line. Returns the exit code (0 or 2)."""
+    args = parse_args(argv, prog, description)
+    try:
+        run(args)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0

@@ -19,7 +19,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ import torch.distributed as dist
 from .checkpoint import RUN_KEY, RecipeError, resume, save_checkpoint
 from .config_io import load_ds_config
 from .loop import train_steps
-from .model import build_engine, build_tokenizer, export_safetensors
+from .model import TINY_MODELS, build_engine, build_tokenizer, export_safetensors
 from .run_log import RunLog, write_atomically
 from .runtime import init_distributed, is_main, make_log0, peak_mem_mib
 
@@ -157,3 +159,49 @@ def run(args) -> dict[str, Any]:
     dist.barrier()
     dist.destroy_process_group()
     return summary
+
+
+def parse_args(argv=None, prog: str | None = None, description: str | None = None):
+    """The command-line flags of the launcher (its ``--help``)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--deepspeed_config", "--deepspeed-config", required=True, help="DeepSpeed JSON with a 'dece' section")
+    p.add_argument("--data", nargs="+", required=True, help="json/jsonl/parquet/txt shards, in reading order")
+    p.add_argument("--data-format", choices=["json", "parquet", "text"], help="default: from the file extension")
+    p.add_argument("--text-field", default="text", help="text column (json/parquet)")
+    p.add_argument("--shard-strategy", choices=["examples", "shards"], default="examples",
+                   help="rows round-robin over DP ranks (balanced) or whole files per rank (cheaper IO)")
+    p.add_argument("--tokens-per-epoch", type=int, help="corpus size in tokens (default: counted in one pass)")
+    p.add_argument("--model", default="tiny-llama", help=f"local HF folder or one of {sorted(TINY_MODELS)}")
+    p.add_argument("--tokenizer", help="local tokenizer folder (default: the model's, or a BPE trained here)")
+    p.add_argument("--tokenizer-rows", type=int, default=5000, help="rows a tiny model's BPE is trained on")
+    p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size for tiny models")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the corpus (one for continuation)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr if the config has no optimizer section")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/continue_pretraining")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (0: at the end)")
+    p.add_argument("--resume", nargs="?", const="auto",
+                   help="resume from OUT/checkpoints (or this folder); checkpoints are unpickled: trusted files only")
+    p.add_argument("--allow-resume-mismatch", action="store_true",
+                   help="resume even if the checkpoint was made with another seed, data, batch layout or dece "
+                        "section (the run then trains on other tokens than an uninterrupted one)")
+    p.add_argument("--no-export", action="store_true")
+    p.add_argument("--simulate-crash-after-step", type=int, help="testing: SIGKILL every rank after step N")
+    p.add_argument("--simulate-crash-during-save", type=int, help="testing: SIGKILL every rank in the middle of "
+                                                                 "the checkpoint save of step N")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None, prog: str | None = None, description: str | None = None) -> int:
+    """Parse the flags and run; bad input prints one ``error:`` line. Returns the exit code (0 or 2)."""
+    args = parse_args(argv, prog, description)
+    try:
+        run(args)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0

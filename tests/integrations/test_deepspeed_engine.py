@@ -120,7 +120,16 @@ def worker(out_path: str) -> None:
                       "global_steps": engine.global_steps})
         engine.step()
     engine.module.loss_function = hook
-    result["dece"] = {"steps": steps, "hook": repr(hook), "wrapped": type(hook.__wrapped__).__name__}
+    from dece_ds.integrations.deepspeed import dece_client_state, remove_dece_from_engine
+    record = dece_client_state(engine)["dece"]
+    removed = remove_dece_from_engine(engine)  # DeepSpeed's own vocab-parallel loss comes back and trains
+    ids, labels = batches[0]
+    after = engine(input_ids=ids, labels=labels).loss
+    engine.backward(after)
+    engine.step()
+    result["dece"] = {"steps": steps, "hook": repr(hook), "wrapped": type(hook.__wrapped__).__name__,
+                      "record_mode": record["mode"], "record_alpha": record["alpha"], "removed": removed,
+                      "after_removal": type(engine.module.loss_function).__name__, "loss_after_removal": after.item()}
     engine.destroy()
 
     # 2. enabled: false through dece_ds.initialize vs. plain deepspeed.initialize without the section.
@@ -178,6 +187,18 @@ def test_tp2_zero3_alpha_follows_engine_steps_and_loss_goes_down(results):
     losses = [s["loss"] for s in steps]
     assert losses[4] < losses[2] < losses[0] and losses[5] < losses[3] < losses[1]
     assert losses[0] < math.log(VOCAB)  # freshly initialised: DeCE starts below ln V (alpha < 1, eps > 0)
+
+
+@pytest.mark.slow
+def test_tp2_zero3_hook_records_its_mode_and_removal_gives_deepspeeds_loss_back(results):
+    for res in results:
+        dece = res["dece"]
+        assert dece["record_mode"] == "vocab_shard"
+        assert dece["record_alpha"] == pytest.approx(DECE["alpha_base"] ** (1 + STEPS // DECE["steps_per_epoch"]))
+        assert dece["removed"] is True and dece["after_removal"] == "VocabParallelCausalLMLoss"
+        assert math.isfinite(dece["loss_after_removal"])
+    # DeepSpeed's plain CE on the same batch is above DeCE's (alpha < 1 lowers the loss)
+    assert results[0]["dece"]["loss_after_removal"] > results[0]["dece"]["steps"][-2]["loss"]
 
 
 @pytest.mark.slow
