@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--allow-resume-mismatch", action="store_true",
                    help="resume even if the checkpoint was made with another seed, data, batch layout or dece "
                         "section (the run then trains on other batches than an uninterrupted one)")
+    p.add_argument("--drop-rows", metavar="AUDIT.jsonl",
+                   help="drop the rows a `dece-ds audit` file flagged (its 'flagged' rows; ids = row indices of --data)")
     p.add_argument("--no-export", action="store_true", help="skip the safetensors export")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--simulate-crash-after-step", type=int, help="testing: SIGKILL every rank after step N")
