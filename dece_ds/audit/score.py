@@ -275,13 +275,41 @@ def run_audit(record: AuditRecord, *, instructions: Mapping[int, str] | None = N
     flagged, info = cut(primary_scores)
     info["score"] = primary
     text = decode or (lambda ids: " ".join(map(str, ids)))
-    counts: Counter = Counter()
-    for r in rows:
-        counts.update({text(list(s)).strip() for s in r.refused_spans} - {""})
+    recurring = [(text(list(g)).strip(), n) for g, n in recurring_spans(rows)]
     metrics = None
     if poisoned is not None:
         labels = np.isin([r.row for r in rows], list(poisoned))
         metrics = {name: label_metrics([r.scores[name] for r in rows], labels, flagged if name == primary
                                        else cut([r.scores[name] for r in rows])[0])
                    for name in SCORES if name != "trigger" or instructions}
-    return Audit(rows, flagged, info, primary, counts.most_common(20), metrics)
+    return Audit(rows, flagged, info, primary, recurring, metrics)
+
+
+def recurring_spans(rows: Sequence[RowScore], max_len: int = 12, top: int = 20) -> list[tuple[tuple[int, ...], int]]:
+    """Token sequences refused in the most rows: every contiguous piece (up to ``max_len`` tokens) of each row's
+    refused spans, counted once per row; a piece is dropped when a longer piece containing it has as many rows
+    (so the payload shows whole, once)."""
+    counts: Counter = Counter()
+    for r in rows:
+        pieces = set()
+        for span in r.refused_spans:
+            for i in range(len(span)):
+                for j in range(i + 1, min(len(span), i + max_len) + 1):
+                    pieces.add(tuple(span[i:j]))
+        counts.update(pieces)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], -len(kv[0])))
+    kept: list[tuple[tuple[int, ...], int]] = []
+    for piece, n in ranked:
+        if n < 2 and kept:
+            break
+        if any(n == m and _contains(big, piece) for big, m in kept):
+            continue
+        kept.append((piece, n))
+        if len(kept) >= top:
+            break
+    return kept
+
+
+def _contains(big: tuple, small: tuple) -> bool:
+    k = len(small)
+    return any(big[i:i + k] == small for i in range(len(big) - k + 1))

@@ -90,7 +90,7 @@ def micro_batch(data, epoch, index, micro_bs, dp_rank, dp_world, seed):
 
 def drop_rows(data, row_ids: torch.Tensor, audit_file) -> tuple[tuple, torch.Tensor, list[int]]:
     """``--drop-rows AUDIT.jsonl``: remove the rows the audit flagged (ids = row indices of the data as read)."""
-    from ..audit.score import flagged_rows
+    from ..audit.report import flagged_rows
     flagged = set(flagged_rows(audit_file))
     keep = torch.as_tensor([i for i, r in enumerate(row_ids.tolist()) if r not in flagged], dtype=torch.long)
     dropped = sorted(flagged & set(row_ids.tolist()))
