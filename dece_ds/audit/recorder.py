@@ -41,6 +41,12 @@ class AuditRecordError(ValueError):
     """A record folder that cannot be read back: missing, empty, corrupt, or not an audit record."""
 
 
+def audit_wants_rows(model) -> bool:
+    """Whether ``model`` has a DeCE hook with an audit recorder (then pass ``dece_row_ids`` to its forward)."""
+    from ..integrations.loss_hook import current_hook
+    return getattr(current_hook(model), "recorder", None) is not None
+
+
 def rank_file(out: str | os.PathLike, rank: int) -> Path:
     return Path(out) / f"rank{rank:05d}.jsonl"
 
