@@ -229,11 +229,18 @@ def recall_at_fpr(scores: Sequence[float], labels: Sequence[bool], fpr: float) -
 
 
 def precision_at_k(scores: Sequence[float], labels: Sequence[bool], k: int) -> float | None:
+    """Precision of the ``k`` top-scored rows; rows tied at the k-th score share the remaining slots evenly
+    (the expected precision under a random tie-break, so a constant score is not lucky)."""
     y = np.asarray(labels, dtype=bool)
-    if k <= 0:
+    s = np.asarray(scores, dtype=np.float64)
+    if k <= 0 or s.size == 0:
         return None
-    top = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:k]
-    return float(y[top].mean())
+    k = min(k, s.size)
+    kth = np.sort(s)[::-1][k - 1]
+    above, tied = s > kth, s == kth
+    slots = k - int(above.sum())
+    hits = float((above & y).sum()) + slots * float((tied & y).sum()) / float(tied.sum())
+    return hits / k
 
 
 def label_metrics(scores: Sequence[float], labels: Sequence[bool], flagged: Sequence[bool]) -> dict[str, Any]:
