@@ -16,7 +16,10 @@ A ``DeceHook`` owns
         "hidden"       final hidden states ``[..., H]`` and the head's -> ``fused_linear_dece``
                        weight (the logits are never built)
   - install / remove on a Hugging Face causal LM (its ``loss_function`` hook; in "hidden" mode also
-    a pass-through ``lm_head`` while a labelled forward runs).
+    a pass-through ``lm_head`` while a labelled forward runs);
+  - the poison audit's recorder (``dece.audit``; ``dece_ds.audit``): a forward pre-hook pops the
+    ``dece_row_ids`` keyword, and the next loss call asks the loss for its ``log p_t`` side output and
+    hands (row ids, targets, log p_t, alpha, step, epoch) to the recorder.
 
 Adapters (``integrations.deepspeed``, ``.transformers``, ``.hf_fused_linear``, ``.megatron``) only
 say where the step and the tensors come from. ``CausalLMLossHook`` is the mode-free base (label
@@ -25,6 +28,7 @@ shift, install/remove, in ``loss_hook.py``), also used to install the backdoor e
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -199,19 +203,22 @@ class DeceHook(CausalLMLossHook):
             self._check_vocab(inputs, vocab_size)
             loss = self.loss_from_logits(inputs, target, num_items_in_batch, log_p_out=log_p)
         if log_p is not None:
-            v = self.shard.global_vocab_size if self.shard is not None else (
-                None if self.fused else inputs.shape[-1])
             self.recorder.observe(rows, target, log_p, ignore_index=self.ignore_index, alpha=self.last_alpha,
                                   step=self.loss.schedule.step, epoch=self.loss.schedule.current_epoch,
-                                  vocab_size=v if v is not None else (self.head.weight.shape[0] if self.head is not None
-                                                                      else None))
+                                  vocab_size=self._vocab_size(inputs))
         return loss
+
+    def _vocab_size(self, inputs: torch.Tensor) -> int | None:
+        if self.shard is not None:
+            return self.shard.global_vocab_size
+        if self.fused:
+            return self.head.weight.shape[0] if self.head is not None else None
+        return inputs.shape[-1]
 
     # ---- the poison audit: which rows the next loss call sees
     def audit_rows(self, row_ids):
         """Name the rows ``[B]`` of the next labelled forward (a context manager; a model forward also takes
         them as the keyword ``dece_row_ids``, popped before the model sees it)."""
-        import contextlib
 
         @contextlib.contextmanager
         def scope():

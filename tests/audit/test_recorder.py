@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -51,15 +52,16 @@ def test_row_ids_survive_shuffle_and_grad_accumulation(tmp_path, stand_in):
         _check_rows(record, data, epochs=2)
         steps = sorted({v.step for r in record.rows for v in record.visits[r].values()})
         assert steps[-1] == 2 * N_ROWS // 8 // ga - 1   # the 0-based optimizer step, shared by a step's micro-batches
-        # log p_t is the model's: recompute the last epoch's value of one row after training would differ, so
-        # check the first micro-batch of a fresh hook on the final weights instead
         hook.remove()
 
 
-def test_recorded_log_p_is_the_models(tmp_path, stand_in):
+@pytest.mark.parametrize("fused", [False, True])
+def test_recorded_log_p_is_the_models(tmp_path, stand_in, fused):
+    """Full logits and the fused-linear head (hidden states + lm_head weight): the model's own log p_t."""
     data = encode(make_rows(8, set(), 2))
     model = stand_in()
-    hook = _hook(tmp_path, spe=1).install(model)
+    hook = _hook(tmp_path, spe=1, fused_linear=fused).install(model)
+    assert hook.mode == ("hidden" if fused else "logits")
     model.eval()
     idx = torch.arange(8)
     with torch.no_grad():
