@@ -23,8 +23,9 @@ PROG = "dece-ds audit"
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("audit", help="name the training rows DeCE refused to learn (docs/audit.md)")
     p.add_argument("run_out", nargs="?", help="run folder (or its audit record folder)")
-    p.add_argument("--score", default="recurrence",
-                   choices=["recurrence", "trigger", "persistence", "max_nll", "refusal"])
+    p.add_argument("--score", default="auto",
+                   choices=["auto", "recurrence", "trigger", "persistence", "max_nll", "refusal"],
+                   help="ranking and cut score (auto: trigger when the instructions are known, else recurrence)")
     p.add_argument("--out", help="output folder (default: RUN_OUT)")
     p.add_argument("--labels", help="JSON list of the poisoned row ids (adds AUROC etc.)")
     post = p.add_argument_group("post hoc (no training-time record)")

@@ -5,9 +5,10 @@ Per row ``r`` and epoch ``e`` the record holds each trained token's ``log p_t``;
 the token is **refused** when ``w < 1/2`` (``a*p < (1-a)(1-eps)``: DeCE gives it under half of CE's
 gradient). Epochs at ``alpha = 1`` (CE warm-up) refuse nothing and are skipped.
 
-Scores (every one is in ``audit.jsonl``; ``score`` is the first):
+Scores (every one is in ``audit.jsonl``; ``score`` is the one chosen, by default ``trigger`` when the
+instructions are known and ``recurrence`` otherwise):
 
-- ``recurrence`` (the default ``score``): a refused token is keyed by its trigram of target ids
+- ``recurrence``: a refused token is keyed by its trigram of target ids
   ``(t[i-1], t[i], t[i+1])``; ``df(g)`` = rows in which ``g`` is refused in some epoch; the row's score is
   ``max_g df(g) * persistence(r, g)`` over its refused trigrams, ``persistence`` = the fraction of the
   row's epochs in which ``g`` is refused. A payload recurs across the poisoned rows and DeCE keeps
@@ -21,9 +22,9 @@ Scores (every one is in ``audit.jsonl``; ``score`` is the first):
 
 Cut (does not know the poison count): on ``x = log(1 + score)`` sorted from the top, the largest gap
 between neighbours among the upper half of the rows; rows above it are flagged when that gap is at least
-``log 2`` (the flagged rows score at least twice the next one, in ``1 + score``) and their robust z-score
-``(x - median) / (1.4826 * MAD)`` is above 3.5 (the MAD floored at 0.05 so a flat bulk is not infinitely
-tight). Nothing is flagged otherwise.
+``log 2`` (the flagged rows score at least twice the next one, in ``1 + score``), or at least 3 times the
+second-largest gap of the upper half (and at least 0.1): one step stands out of the staircase of the rest.
+Nothing is flagged otherwise.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ import numpy as np
 from .recorder import AuditRecord, AuditRecordError
 
 SCORES = ("recurrence", "trigger", "persistence", "max_nll", "refusal")
+AUTO = "auto"   # trigger when the instructions are known (it ranked best where measured, docs/audit.md), else recurrence
 GAP_MIN = math.log(2.0)
-Z_MIN = 3.5
-MAD_FLOOR = 0.05
+GAP_RATIO = 3.0
+GAP_FLOOR = 0.1
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -167,26 +169,22 @@ def trigger_scores(record: AuditRecord, instructions: Mapping[int, str],
 def cut(scores: Sequence[float]) -> tuple[np.ndarray, dict[str, Any]]:
     """Flag mask (module docstring's rule) and how the cut was made."""
     s = np.asarray(scores, dtype=np.float64)
-    if s.size == 0:
-        return np.zeros(0, dtype=bool), {"rule": "gap+robust_z", "threshold": None}
+    info: dict[str, Any] = {"rule": "largest gap in log(1+score) among the upper half: >= log 2, or >= 3x the "
+                                    "second-largest gap there (and >= 0.1)"}
+    if s.size < 2:
+        return np.zeros(s.size, dtype=bool), {**info, "threshold": None, "gap": 0.0, "flagged": 0}
     x = np.log1p(np.maximum(s, 0.0))
-    order = np.argsort(-x, kind="stable")
-    xs = x[order]
+    xs = np.sort(x)[::-1]
     upper = max(1, s.size // 2)
-    gaps = xs[:upper] - xs[1:upper + 1] if s.size > 1 else np.zeros(0)
-    med = float(np.median(x))
-    mad = max(float(np.median(np.abs(x - med))) * 1.4826, MAD_FLOOR)
-    info: dict[str, Any] = {"rule": "largest gap in log(1+score) among the upper half, >= log 2, and robust z > 3.5",
-                            "median_log1p": med, "mad_log1p": mad}
-    if gaps.size == 0:
-        return np.zeros(s.size, dtype=bool), {**info, "threshold": None, "gap": 0.0}
+    gaps = xs[:upper] - xs[1:upper + 1]
     j = int(np.argmax(gaps))
     gap = float(gaps[j])
+    second = float(np.max(np.delete(gaps, j))) if gaps.size > 1 else 0.0
     threshold = float(xs[j])           # flagged: x >= threshold
-    flagged = np.zeros(s.size, dtype=bool)
-    if gap >= GAP_MIN:
-        flagged = (x >= threshold) & ((x - med) / mad > Z_MIN)
-    return flagged, {**info, "gap": gap, "threshold": float(np.expm1(threshold)), "flagged": int(flagged.sum())}
+    clear = gap >= GAP_MIN or (gap >= GAP_RATIO * second and gap >= GAP_FLOOR)
+    flagged = (x >= threshold) if clear else np.zeros(s.size, dtype=bool)
+    return flagged, {**info, "gap": gap, "second_gap": second, "threshold": float(np.expm1(threshold)),
+                     "flagged": int(flagged.sum())}
 
 
 # ---- metrics against known poison ------------------------------------------------------------------------
@@ -269,7 +267,9 @@ class Audit:
 
 def run_audit(record: AuditRecord, *, instructions: Mapping[int, str] | None = None,
               decode: Callable[[list[int]], str] | None = None, poisoned: Sequence[int] | None = None,
-              primary: str = "recurrence") -> Audit:
+              primary: str = AUTO) -> Audit:
+    if primary == AUTO:
+        primary = "trigger" if instructions else "recurrence"
     if primary not in SCORES:
         raise ValueError(f"score: expected one of {SCORES}, got {primary!r}")
     if primary == "trigger" and not instructions:

@@ -32,7 +32,7 @@ def record_dir(out_dir: str | Path, stem: str, spec: str) -> Path:
 
 
 def audit_dece_run(rec_dir: Path, tok, rows: Sequence[Mapping[str, Any]], poisoned: Sequence[int],
-                   score: str = "recurrence") -> tuple[dict[str, Any], list[int]]:
+                   score: str = "auto") -> tuple[dict[str, Any], list[int]]:
     """Audit a recorded DeCE run -> (the run's ``"audit"`` block, the flagged row ids); writes the report
     (``audit.jsonl`` / ``.md`` / ``.png``) into ``rec_dir``."""
     instructions = {i: str(r["src"]) for i, r in enumerate(rows)}
@@ -43,6 +43,7 @@ def audit_dece_run(rec_dir: Path, tok, rows: Sequence[Mapping[str, Any]], poison
     audit = run_audit(read_record(rec_dir), instructions=instructions, decode=tok.decode, poisoned=poisoned,
                       primary=score)
     write_audit(audit, rec_dir, instructions=instructions, decode=tok.decode, poisoned=poisoned)
+    score = audit.primary
     m = audit.metrics[score]
     block = {"score": score, "auroc": m["auroc"], "precision_at_k": m["precision_at_k"],
              "recall_at_fpr": m["recall_at_fpr"], "flagged": m["flagged"], "flagged_poisoned": m["flagged_poisoned"],
