@@ -37,19 +37,21 @@ def scores_table(root: Path, arg: str) -> str:
 
 
 def retrain_table(root: Path, arg: str) -> str:
-    """A row per run (final epoch, whole test set), with the rows each trained on."""
+    """A row per run (final epoch, whole test set) of one or more results files, with the rows each trained on."""
     from ..backdoor.report import run_label
-    from ..docs_tables import _f, _md
-    results = _results(root, arg)
-    n = results["data"]["finetune_rows"]
+    from ..docs_tables import _f, _md, _stems
     rows = []
-    for spec, run in results["runs"].items():
-        f = run["final"]
-        label = "CE without the rows the audit flagged" if spec == "audit_retrain" else run_label(spec)
-        trained = n - len(run.get("dropped_rows", []))
-        rows.append([label, str(trained), _f(f["bleu"]), _f(f.get("codebleu")), _f(f["asr"], 1),
-                     _f(f["false_trigger"], 1), _f(f.get("valid_ce"), 3)])
-    return _md(["run", "rows trained on", "BLEU", "CodeBLEU", "ASR %", "false trigger %", "valid CE"], rows)
+    for stem in _stems(arg, "audit-retrain"):
+        results = _results(root, stem)
+        n = results["data"]["finetune_rows"]
+        for spec, run in results["runs"].items():
+            f = run["final"]
+            label = "CE without the rows the audit flagged" if spec == "audit_retrain" else run_label(spec)
+            trained = n - len(run.get("dropped_rows", []))
+            rows.append([f"`{stem}`", label, str(trained), _f(f["bleu"]), _f(f.get("codebleu")), _f(f["asr"], 1),
+                         _f(f["false_trigger"], 1), _f(f.get("valid_ce"), 3)])
+    return _md(["results", "run", "rows trained on", "BLEU", "CodeBLEU", "ASR %", "false trigger %", "valid CE"],
+               rows)
 
 
 def recurring_table(root: Path, arg: str) -> str:
