@@ -41,7 +41,8 @@ def root(tmp_path_factory):
 
 
 def test_tp2_record_kill_resume_audit_and_drop(root):
-    whole, _ = _train(root, "whole")
+    whole, proc = _train(root, "whole")
+    assert "vocab-parallel over a tensor-parallel group of 2" in proc.stdout + proc.stderr   # the AutoTP head
     files = sorted(p.name for p in (whole / "audit").glob("rank*.jsonl"))
     assert files == ["rank00000.jsonl"], f"only TP rank 0 writes, got {files}"
     rec = read_record(whole / "audit")
