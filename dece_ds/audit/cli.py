@@ -170,7 +170,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"note: {record.torn} torn last line(s) skipped (a run killed mid-write)", file=sys.stderr)
     paths = write_audit(audit, out, instructions=instructions, decode=decode, poisoned=poisoned)
     print(f"{len(audit.rows)} rows, {int(audit.flagged.sum())} flagged ({audit.cut['rule']})")
-    for text, n in audit.recurring[:5]:
-        print(f"  refused in {n} rows: {text!r}")
+    for text, n in (audit.recurring_flagged or audit.recurring)[:5]:
+        print(f"  refused in {n} {'flagged ' if audit.recurring_flagged else ''}rows: {text!r}")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

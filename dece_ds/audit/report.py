@@ -57,7 +57,8 @@ def write_audit(audit: Audit, out_dir: str | os.PathLike, *, instructions: Mappi
     paths = {"jsonl": out_dir / "audit.jsonl", "md": out_dir / "audit.md", "summary": out_dir / "audit_summary.json"}
     paths["jsonl"].write_text("\n".join(lines) + "\n", encoding="utf-8")
     summary = {"score": audit.primary, "rows": len(audit.rows), "flagged": audit.flagged_ids(), "cut": audit.cut,
-               "recurring_refused_text": audit.recurring, "metrics": audit.metrics, **dict(extra or {})}
+               "recurring_refused_text": audit.recurring, "recurring_refused_text_flagged": audit.recurring_flagged,
+               "metrics": audit.metrics, **dict(extra or {})}
     paths["summary"].write_text(json.dumps(summary, indent=1), encoding="utf-8")
     paths["md"].write_text(markdown(audit, order, text, instructions, labels), encoding="utf-8")
     png = plot(audit, out_dir / "audit.png", labels)
@@ -85,7 +86,11 @@ def markdown(audit: Audit, order, text, instructions, labels) -> str:
                        f"| {fmt(m['recall_at_fpr']['0.05'])} | {m['flagged']} ({m['flagged_poisoned']}) "
                        f"| {m['true_poisoned']} |")
         out.append("")
-    out += ["## Recurring refused text (rows)", "", "| refused text | rows |", "|---|---|"]
+    if audit.recurring_flagged:
+        out += ["## Refused text recurring in the flagged rows (rows)", "", "| refused text | rows |", "|---|---|"]
+        out += [f"| `{_cell(t)}` | {n} |" for t, n in audit.recurring_flagged[:10]]
+        out.append("")
+    out += ["## Recurring refused text, all rows (rows)", "", "| refused text | rows |", "|---|---|"]
     out += [f"| `{_cell(t)}` | {n} |" for t, n in audit.recurring[:15]]
     out += ["", f"## Top {TOP_ROWS} rows", "",
             "| row | score | flagged | " + ("poisoned | " if labels is not None else "") + "refused spans | instruction |",

@@ -260,6 +260,7 @@ class Audit:
     primary: str
     recurring: list[tuple[str, int]]          # (refused text, rows) most frequent first
     metrics: dict[str, Any] | None = None     # with labels: per score
+    recurring_flagged: list[tuple[str, int]] = field(default_factory=list)   # the same, among the flagged rows
 
     def flagged_ids(self) -> list[int]:
         return [r.row for r, f in zip(self.rows, self.flagged) if f]
@@ -283,13 +284,15 @@ def run_audit(record: AuditRecord, *, instructions: Mapping[int, str] | None = N
     info["score"] = primary
     text = decode or (lambda ids: " ".join(map(str, ids)))
     recurring = [(text(list(g)).strip(), n) for g, n in recurring_spans(rows)]
+    recurring_flagged = [(text(list(g)).strip(), n)
+                         for g, n in recurring_spans([r for r, f in zip(rows, flagged) if f])]
     metrics = None
     if poisoned is not None:
         labels = np.isin([r.row for r in rows], list(poisoned))
         metrics = {name: label_metrics([r.scores[name] for r in rows], labels, flagged if name == primary
                                        else cut([r.scores[name] for r in rows])[0])
                    for name in SCORES if name != "trigger" or instructions}
-    return Audit(rows, flagged, info, primary, recurring, metrics)
+    return Audit(rows, flagged, info, primary, recurring, metrics, recurring_flagged)
 
 
 def recurring_spans(rows: Sequence[RowScore], max_len: int = 12, top: int = 20) -> list[tuple[tuple[int, ...], int]]:

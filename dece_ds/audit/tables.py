@@ -55,12 +55,20 @@ def retrain_table(root: Path, arg: str) -> str:
 
 
 def recurring_table(root: Path, arg: str) -> str:
-    """The refused text that recurs across the most rows of each audited run, with its row count."""
-    from ..docs_tables import _md
+    """The refused text recurring in the most rows of each audited run, among the flagged rows and among all
+    (from the run's ``audit_summary.json``, written by ``dece-ds audit`` on its record folder)."""
+    import re
+
+    from ..docs_tables import _load, _md
     results = _results(root, arg)
     rows = []
     for spec, run in results["runs"].items():
-        for text, count in (run.get("audit") or {}).get("recurring_refused_text", []):
-            shown = text.replace("|", "\\|").replace("\n", "⏎").replace("`", "'")
-            rows.append([spec, f"`{shown}`", str(count)])
-    return _md(["run", "refused text", "rows"], rows)
+        if "audit" not in run:
+            continue
+        folder = AUDIT_RESULTS / f"{arg}-audit" / re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)
+        summary = _load(root, folder / "audit_summary.json")
+        for where, key in (("flagged rows", "recurring_refused_text_flagged"), ("all rows", "recurring_refused_text")):
+            for text, count in (summary.get(key) or [])[:5]:
+                shown = text.replace("|", "\\|").replace("\n", "⏎").replace("`", "'")
+                rows.append([spec, where, f"`{shown}`", str(count)])
+    return _md(["run", "among", "refused text", "rows"], rows)

@@ -48,7 +48,9 @@ def audit_dece_run(rec_dir: Path, tok, rows: Sequence[Mapping[str, Any]], poison
     block = {"score": score, "auroc": m["auroc"], "precision_at_k": m["precision_at_k"],
              "recall_at_fpr": m["recall_at_fpr"], "flagged": m["flagged"], "flagged_poisoned": m["flagged_poisoned"],
              "true_poisoned": m["true_poisoned"], "cut": audit.cut,
-             "recurring_refused_text": audit.recurring[:5], "scores": audit.metrics, "report": str(rec_dir)}
+             "recurring_refused_text": audit.recurring[:5],
+             "recurring_refused_text_flagged": audit.recurring_flagged[:5], "scores": audit.metrics,
+             "report": str(rec_dir)}
     return block, audit.flagged_ids()
 
 
