@@ -62,14 +62,17 @@ def _read_data(paths: list[str], fmt: str | None, max_samples: int | None, out: 
     return ds
 
 
-def context_from_meta(record, meta: dict, out: Path):
+def context_from_meta(record, meta: dict, out: Path, record_dir: Path | None = None):
     """(instructions, decode, poisoned) from a record's meta.json; checks the data matches the record."""
     instructions, decode = meta.get("instructions"), None
     if isinstance(instructions, list):
         instructions = dict(enumerate(instructions))
-    if meta.get("tokenizer_file"):
+    tok_file = Path(record_dir or ".") / meta["tokenizer_file"] if meta.get("tokenizer_file") else None
+    if tok_file is not None and not tok_file.is_file():
+        print(f"note: {tok_file}: no tokenizer; refused spans are shown as token ids", file=sys.stderr)
+    elif tok_file is not None:
         from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(meta["tokenizer_file"])
+        tok = Tokenizer.from_file(str(tok_file))
         decode = tok.decode
     elif meta.get("tokenizer") and Path(meta["tokenizer"]).is_dir():
         from transformers import AutoTokenizer
@@ -158,7 +161,7 @@ def _main(args: argparse.Namespace) -> int:
             rec_dir = find_record_dir(args.run_out)
             out = Path(args.out or args.run_out)
             record = read_record(rec_dir)
-            instructions, decode, poisoned = context_from_meta(record, read_meta(rec_dir), out)
+            instructions, decode, poisoned = context_from_meta(record, read_meta(rec_dir), out, rec_dir)
         if args.labels:
             poisoned = json.loads(Path(args.labels).read_text(encoding="utf-8"))
             if not isinstance(poisoned, list) or not all(isinstance(x, int) for x in poisoned):

@@ -149,7 +149,7 @@ def trigger_scores(record: AuditRecord, instructions: Mapping[int, str],
             by_word[word].append(r)
     n_rows = len(rows)
     best: dict[int, tuple[float, str]] = {}
-    for word, members in by_word.items():
+    for word, members in sorted(by_word.items()):   # sorted: ties name the same word every run
         k = len(members)
         if k < min_support or k > n_rows // 2:
             continue

@@ -38,7 +38,7 @@ def audit_dece_run(rec_dir: Path, tok, rows: Sequence[Mapping[str, Any]], poison
     instructions = {i: str(r["src"]) for i, r in enumerate(rows)}
     tok_file = rec_dir / "tokenizer.json"
     tok.save(tok_file)
-    write_meta(rec_dir, None, {"tokenizer_file": str(tok_file.resolve()), "instructions": [str(r["src"]) for r in rows],
+    write_meta(rec_dir, None, {"tokenizer_file": tok_file.name,   # relative to the record folder "instructions": [str(r["src"]) for r in rows],
                                "poisoned": list(poisoned)})
     audit = run_audit(read_record(rec_dir), instructions=instructions, decode=tok.decode, poisoned=poisoned,
                       primary=score)
