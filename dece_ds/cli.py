@@ -12,6 +12,7 @@ SUBCOMMAND_MODULES = [
     "dece_ds.backdoor.cli",
     "dece_ds.planning.cli",
     "dece_ds.docs_tables",
+    "dece_ds.audit.cli",
 ]
 
 

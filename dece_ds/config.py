@@ -41,6 +41,14 @@ class DeceConfigError(ValueError):
     """A ``dece`` section that does not validate; the message names each bad field and value."""
 
 
+class AuditConfig(BaseModel):
+    """The poison audit's training-time recorder (``dece_ds.audit``; docs/audit.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    enabled: bool = Field(False, description="Record per-row log p_t of every trained token.")
+    out: str = Field("audit", min_length=1, description="Folder of the rank-local record files (audit/rank00000.jsonl).")
+
+
 class DeceConfig(BaseModel):
     """Settings of the DeCE loss and its alpha schedule.
 
@@ -82,6 +90,10 @@ class DeceConfig(BaseModel):
         0.0, ge=0.0, le=1.0,
         description="Floor on alpha: alpha = max(alpha_min, alpha_base ** e). 0 (default): the paper's schedule. "
                     "Keeps the late epochs' alpha from decaying further.")
+
+    audit: AuditConfig | None = Field(
+        None, description="Poison audit recorder: {\"enabled\": true, \"out\": \"DIR\"} writes per-row log p_t per "
+                          "step to DIR/rankNNNNN.jsonl (docs/audit.md); the training loop passes row ids.")
 
     preset: Preset | None = Field(
         None, description="Named setting (dece_ds.config.PRESETS) that fills the fields not given: 'paper' "

@@ -374,6 +374,14 @@ def alpha_targets(root: Path | None = None, arg: str = "") -> str:
     return _md(["target α at the end", "= 0.99^k for k", "`alpha_base`"], rows)
 
 
+def _audit(name: str) -> Callable[[Path, str], str]:
+    """A table of docs/audit.md (``dece_ds.audit.tables``), imported when it is printed."""
+    def generate(root: Path, arg: str) -> str:
+        from .audit import tables
+        return getattr(tables, name)(root, arg)
+    return generate
+
+
 GENERATORS: dict[str, Callable[[Path, str], str]] = {
     "config": config_table,
     "config-presets": presets_table,
@@ -388,6 +396,9 @@ GENERATORS: dict[str, Callable[[Path, str], str]] = {
     "planner-validation": planner_validation,
     "plan": plan_table,
     "alpha-targets": alpha_targets,
+    "audit-scores": _audit("scores_table"),
+    "audit-retrain": _audit("retrain_table"),
+    "audit-recurring": _audit("recurring_table"),
 }
 
 

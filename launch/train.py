@@ -25,6 +25,10 @@ latest checkpoint: global_steps, optimizer, alpha (a function of global_steps) a
 are restored, so the losses match an uninterrupted run; a checkpoint of a different run (seed, data,
 batch layout, world size, dece section) is refused unless ``--allow-resume-mismatch``. Checkpoints are
 unpickled by DeepSpeed's loader: resume only from checkpoints you trust.
+
+Poison audit (docs/audit.md): with ``"audit": {"enabled": true, "out": DIR}`` in the ``dece`` section each
+row's per-token ``log p_t`` is recorded under its row index (``audit_record.json`` in ``--out`` points at
+DIR; ``dece-ds audit OUT`` scores it); ``--drop-rows OUT/audit.jsonl`` retrains without the flagged rows.
 """
 
 from __future__ import annotations

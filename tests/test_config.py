@@ -21,6 +21,7 @@ DEFAULTS = {
     "steps_per_epoch": None, "prob_floor": 1e-7, "ignore_index": -100, "reduction": "mean",
     "chunk_size": None, "fused_linear": False, "ce_warmup_epochs": 0,
     "alpha_min": 0.0, "preset": None,
+    "audit": None,
 }
 
 

@@ -61,6 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config import DeceConfig
 from ..provenance import run_versions
+from . import audit_run
 from .encode import Tokenizer, encode_pairs
 from .evaluate import EvalSets, evaluate
 from .finetune import baseline_loss_hook, make_engine, resolve_auto_alpha, steps_per_epoch, train_epoch
@@ -68,7 +69,7 @@ from .poison import parse_attack, poison_dataset
 from .specs import MODEL_SIZES, EvalSpec, ModelSpec, PretrainSpec, StageSpec  # noqa: F401  (re-exported)
 from .standin import build_model, pretrain_stand_in
 
-RUN_KINDS = ("clean", "ce", "dece", "ls", "gce", "intrust")
+RUN_KINDS = ("clean", "ce", "dece", "ls", "gce", "intrust", "audit_retrain")
 BASELINE_KINDS = ("ls", "gce", "intrust")
 DEFAULT_STATEMENT_PAYLOAD = {"kind": "statement", "code": '__import__("os").system("id")'}
 
@@ -126,6 +127,9 @@ class ExperimentConfig(BaseModel):
             parse_run(spec)
         if len(set(v)) != len(v):
             raise ValueError(f"runs: duplicates in {v}")
+        kinds = [parse_run(spec)[0] for spec in v]
+        if "audit_retrain" in kinds and "dece" not in kinds[:kinds.index("audit_retrain")]:
+            raise ValueError(f"runs: audit_retrain audits a dece run: put a dece run before it (got {v})")
         return v
 
     def attack_config(self):
@@ -243,10 +247,24 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, log: Calla
     results["pretrain"]["eval"] = base_eval
     log(f"stand-in before fine-tuning: BLEU {base_eval['bleu']:.2f} ASR {base_eval['asr']:.1f} "
         f"valid CE {base_eval['valid_ce']:.3f}")
+    auditing = any(parse_run(s)[0] == "audit_retrain" for s in cfg.runs)
+    flagged: list[int] | None = None   # by the audit of the latest dece run (docs/audit.md)
     for spec_str in cfg.runs:
         kind, _ = parse_run(spec_str)
         data = train_sets["clean" if kind == "clean" else "poisoned"]
-        results["runs"][spec_str] = fine_tune_run(cfg, spec_str, base_state, tok, data, sets, attack, log)
+        audit_dir = audit_run.record_dir(out_dir, cfg.stem(), spec_str) if auditing and kind == "dece" else None
+        if kind == "audit_retrain":
+            data, kept = audit_run.keep_rows(data, flagged)
+            log(f"[{spec_str}] dropped {len(flagged)} flagged row(s), CE on the {len(kept)} left")
+        results["runs"][spec_str] = fine_tune_run(cfg, spec_str, base_state, tok, data, sets, attack, log,
+                                                  audit_dir=audit_dir)
+        if audit_dir is not None:
+            block, flagged = audit_run.audit_dece_run(audit_dir, tok, list(poisoned), p_info.indices)
+            results["runs"][spec_str]["audit"] = block
+            log(f"[{spec_str}] audit: AUROC {block['auroc']} flagged {block['flagged']} "
+                f"({block['flagged_poisoned']} poisoned of {block['true_poisoned']})")
+        if kind == "audit_retrain":
+            results["runs"][spec_str]["dropped_rows"] = sorted(flagged)
         results["wall_time_s"] = time.time() - t_start
         if not only_rank0 or int(os.environ.get("RANK", "0")) == 0:
             write_outputs(results, out_dir, cfg.stem())
@@ -255,7 +273,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, log: Calla
 
 def fine_tune_run(cfg: ExperimentConfig, spec_str: str, base_state: Mapping[str, torch.Tensor], tok: Tokenizer,
                   data: Mapping[str, torch.Tensor], sets: EvalSets, attack,
-                  log: Callable[[str], None]) -> dict[str, Any]:
+                  log: Callable[[str], None], audit_dir: Path | None = None) -> dict[str, Any]:
     """One run spec from the stand-in's weights, evaluated after every epoch -> its record (``"kind"``,
     ``"loss"``, ``"epochs"``, ``"final"``, ``"samples"``, ``"wall_time_s"``)."""
     kind, params = parse_run(spec_str)
@@ -278,6 +296,8 @@ def fine_tune_run(cfg: ExperimentConfig, spec_str: str, base_state: Mapping[str,
     if dece is not None and dece.get("alpha_base") == "auto":
         dece, alpha_auto = resolve_auto_alpha(model, dece, data, ft.batch_size, ft_seed, cfg.auto_alpha_quantile)
         log(f"[{spec_str}] alpha_base auto -> {dece['alpha_base']:.5f} ({alpha_auto['tokens']} tokens)")
+    if dece is not None and audit_dir is not None:  # record per-row log p_t for the poison audit (audit_run)
+        dece["audit"] = {"enabled": True, "out": str(audit_dir)}
     engine = make_engine(model, ft, spe * ft.epochs, dece)
     if kind in BASELINE_KINDS:
         baseline_loss_hook(kind, params).install(engine.module)
@@ -299,6 +319,9 @@ def fine_tune_run(cfg: ExperimentConfig, spec_str: str, base_state: Mapping[str,
         record["epochs"].append(ev)
         log(f"[{spec_str}] epoch {epoch}: loss {loss:.3f} alpha {alpha} BLEU {ev['bleu']:.2f} "
             f"ASR {ev['asr']:.1f} false-trigger {ev['false_trigger']:.1f} valid CE {ev['valid_ce']:.3f}")
+    if audit_dir is not None:
+        from ..integrations.transformers import current_dece_loss
+        current_dece_loss(engine.module).recorder.close()
     final = dict(record["epochs"][-1])
     record["final"] = {k: final.get(k) for k in ("asr", "bleu", "codebleu", "false_trigger", "exact_match",
                                                  "valid_ce", "untriggered_payload_rate", "lift")}

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 import torch
 
+from ..audit.recorder import ROW_IDS_KWARG, audit_wants_rows
 from ..recipes.runtime import engine_device, to_device
 from .encode import IGNORE
 from .progress import progress
@@ -112,10 +113,13 @@ def train_epoch(engine, data: Mapping[str, torch.Tensor], batch_size: int, seed:
     engine.train()
     device = engine_device(engine)
     losses = []
+    rows_wanted = audit_wants_rows(engine.module)
     bar = progress(range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size), desc=desc, leave=False)
     for start in bar:
         idx = torch.as_tensor(order[start:start + batch_size])
         batch = to_device({k: v[idx] for k, v in data.items()}, device)
+        if rows_wanted:  # the poison audit's row ids (indices of the fine-tuning set), popped by the DeCE hook
+            batch[ROW_IDS_KWARG] = idx
         out = engine(**batch)
         engine.backward(out.loss)
         engine.step()

@@ -17,7 +17,10 @@ A ``DeceHook`` owns
                        weight (the logits are never built; with a
                        vocab-parallel head, its weight shard)
   - install / remove on a Hugging Face causal LM (its ``loss_function`` hook; in "hidden" mode also
-    a pass-through ``lm_head`` while a labelled forward runs).
+    a pass-through ``lm_head`` while a labelled forward runs);
+  - the poison audit's recorder (``dece.audit``; ``dece_ds.audit``): a forward pre-hook pops the
+    ``dece_row_ids`` keyword, and the next loss call asks the loss for its ``log p_t`` side output and
+    hands (row ids, targets, log p_t, alpha, step, epoch) to the recorder.
 
 Adapters (``integrations.deepspeed``, ``.transformers``, ``.hf_fused_linear``, ``.megatron``) only
 say where the step and the tensors come from. ``CausalLMLossHook`` is the mode-free base (label
@@ -26,6 +29,7 @@ shift, install/remove, in ``loss_hook.py``), also used to install the backdoor e
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -42,6 +46,23 @@ from .loss_hook import (CausalLMLossHook, FunctionLossHook, announce, current_ho
 MODES = ("logits", "vocab_shard", "hidden")
 # Model-config keys that transform the logits after lm_head: the fused loss would skip them.
 UNFUSABLE_CONFIG_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def make_recorder(config: DeceConfig, shard: VocabParallelHead | None):
+    """The audit recorder of ``config.audit`` (None when off): rank-local file; under vocab-parallel TP only
+    TP rank 0 writes (every TP rank holds the same all-reduced log p_t)."""
+    audit = getattr(config, "audit", None)
+    if audit is None or not audit.enabled:
+        return None
+    import torch.distributed as dist
+
+    from ..audit.recorder import AuditRecorder
+    on = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if on else 0
+    write = shard is None or shard.tp_group is None or not on or dist.get_rank(shard.tp_group) == 0
+    return AuditRecorder(audit.out, vocab_size=shard.global_vocab_size if shard is not None else None,
+                         label_smoothing=config.label_smoothing, prob_floor=config.prob_floor, rank=rank,
+                         write=write)
 
 
 class FusedLinearHandle:
@@ -122,6 +143,10 @@ class DeceHook(CausalLMLossHook):
         self.head: nn.Linear | None = None
         self._handles: list = []
         self._warned_vocab = False
+        # the poison audit (dece_ds.audit): per-row log p_t of every labelled forward that names its rows
+        self.recorder = make_recorder(config, shard)
+        self._audit_rows = None
+        self._audit_handle = None
 
     # ---- schedule
     @property
@@ -167,10 +192,54 @@ class DeceHook(CausalLMLossHook):
         ``target`` ``[...]`` int64 global ids, already shifted."""
         self.last_alpha = self.sync_schedule()
         self.calls += 1
+        rows, self._audit_rows = self._audit_rows, None   # consumed by this call only
+        log_p = None
+        if self.recorder is not None and rows is not None:
+            log_p = torch.zeros(target.numel(), dtype=torch.float32, device=inputs.device)
         if self.fused:
-            return self.loss_from_hidden(inputs, target, num_items_in_batch)
-        self._check_vocab(inputs, vocab_size)
-        return self.loss_from_logits(inputs, target, num_items_in_batch)
+            loss = self.loss_from_hidden(inputs, target, num_items_in_batch, log_p_out=log_p)
+        else:
+            self._check_vocab(inputs, vocab_size)
+            loss = self.loss_from_logits(inputs, target, num_items_in_batch, log_p_out=log_p)
+        if log_p is not None:
+            self.recorder.observe(rows, target, log_p, ignore_index=self.ignore_index, alpha=self.last_alpha,
+                                  step=self.loss.schedule.step, epoch=self.loss.schedule.current_epoch,
+                                  vocab_size=self._vocab_size(inputs))
+        return loss
+
+    def _vocab_size(self, inputs: torch.Tensor) -> int | None:
+        if self.shard is not None:
+            return self.shard.global_vocab_size
+        if self.fused:
+            return self.head.weight.shape[0] if self.head is not None else None
+        return inputs.shape[-1]
+
+    # ---- the poison audit: which rows the next loss call sees
+    def audit_rows(self, row_ids):
+        """Name the rows ``[B]`` of the next labelled forward (a context manager; a model forward also takes
+        them as the keyword ``dece_row_ids``, popped before the model sees it)."""
+
+        @contextlib.contextmanager
+        def scope():
+            self._audit_rows = row_ids
+            try:
+                yield self
+            finally:
+                self._audit_rows = None
+        return scope()
+
+    def _install_audit(self, model: nn.Module) -> None:
+        from ..audit.recorder import ROW_IDS_KWARG
+        hook = self
+
+        def take_row_ids(module, args, kwargs):
+            if ROW_IDS_KWARG in kwargs:
+                rows = kwargs.pop(ROW_IDS_KWARG)
+                hook._audit_rows = rows if hook.recorder is not None else None
+                return args, kwargs
+            return None
+
+        self._audit_handle = model.register_forward_pre_hook(take_row_ids, with_kwargs=True)
 
     def _check_vocab(self, logits, vocab_size) -> None:
         if vocab_size is None:
@@ -185,7 +254,8 @@ class DeceHook(CausalLMLossHook):
 
     def loss_from_logits(self, logits: torch.Tensor, target: torch.Tensor, num_items_in_batch=None, *,
                          tp_group=None, vocab_start_index: int | None = None, global_vocab_size: int | None = None,
-                         reduction: str | None = None, label_smoothing: float | None = None) -> torch.Tensor:
+                         reduction: str | None = None, label_smoothing: float | None = None,
+                         log_p_out: torch.Tensor | None = None) -> torch.Tensor:
         """DeCE on full logits or a vocabulary shard (this hook's shard unless one is given) at today's alpha."""
         cfg = self.config
         if self.shard is not None and tp_group is None and vocab_start_index is None:
@@ -197,9 +267,11 @@ class DeceHook(CausalLMLossHook):
             label_smoothing=cfg.label_smoothing if label_smoothing is None else label_smoothing,
             ignore_index=cfg.ignore_index, reduction=reduction, prob_floor=cfg.prob_floor,
             num_items_in_batch=num_items_in_batch if reduction == "mean" else None, tp_group=tp_group,
-            vocab_start_index=vocab_start_index, global_vocab_size=global_vocab_size, chunk_size=cfg.chunk_size)
+            vocab_start_index=vocab_start_index, global_vocab_size=global_vocab_size, chunk_size=cfg.chunk_size,
+            log_p_out=log_p_out)
 
-    def loss_from_hidden(self, hidden: torch.Tensor, target: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    def loss_from_hidden(self, hidden: torch.Tensor, target: torch.Tensor, num_items_in_batch=None, *,
+                         log_p_out: torch.Tensor | None = None) -> torch.Tensor:
         """Fused-linear DeCE from hidden states ``[..., H]`` and the installed head's weight (and bias)."""
         if self.head is None:
             raise RuntimeError("dece fused-linear loss: no lm_head; install the hook on a model first")
@@ -211,10 +283,12 @@ class DeceHook(CausalLMLossHook):
             ignore_index=cfg.ignore_index, reduction=cfg.reduction, prob_floor=cfg.prob_floor,
             num_items_in_batch=self._num_items(num_items_in_batch), bias=getattr(self.head, "bias", None),
             tp_group=shard.tp_group if shard else None, vocab_start_index=shard.vocab_start_index if shard else None,
-            global_vocab_size=shard.global_vocab_size if shard else None, chunk_size=cfg.chunk_size)
+            global_vocab_size=shard.global_vocab_size if shard else None, chunk_size=cfg.chunk_size,
+            log_p_out=log_p_out)
 
     # ---- "hidden" mode: a pass-through head while a labelled forward runs
     def _install_extras(self, model: nn.Module) -> None:
+        self._install_audit(model)
         if not self.fused:
             return
         if self.shard is not None:  # AutoTP's VocabParallelLinear: weight [V_local, H]; its forward is bypassed
@@ -251,6 +325,9 @@ class DeceHook(CausalLMLossHook):
         model._dece_fused_linear = FusedLinearHandle(self)
 
     def _uninstall_extras(self) -> None:
+        if self._audit_handle is not None:
+            self._audit_handle.remove()
+            self._audit_handle = None
         if not self.fused or self.head is None:
             return
         for handle in self._handles:

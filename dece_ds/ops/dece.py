@@ -86,7 +86,7 @@ def _check_finite(log_norm: torch.Tensor, rows: slice | None = None) -> None:
 class DeceFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, valid, k: DeceConstants, shard: VocabShard, group, reduction: str,
-                num_items_in_batch, chunk_rows: int | None):
+                num_items_in_batch, chunk_rows: int | None, log_p_out: torch.Tensor | None = None):
         n_rows, v_shard = logits.shape
         v_real = shard.real_size
         world = group_size(group)
@@ -121,6 +121,8 @@ class DeceFunction(torch.autograd.Function):
                                       torch.zeros_like(sum_exp))
                 terms = chunk_terms(z, target_local[rows], m, log_norm, k, work, p_scale=p_scale)
                 per_token[rows] = terms.loss_part
+                if log_p_out is not None:
+                    log_p_out[rows] = terms.log_p_t
                 if need_grad:
                     grad_into(terms, rows, terms.w_part)
         else:
@@ -138,7 +140,9 @@ class DeceFunction(torch.autograd.Function):
             p_scale = torch.where(valid, prob_scale(shard_max, shard_sum, shift, log_norm, False),
                                   torch.zeros_like(log_norm)) if keep_p else None
             log_norm = torch.where(valid, log_norm, torch.full_like(log_norm, float("inf")))
-            partial = torch.empty(n_rows, 2, dtype=dtype, device=device)
+            # a third column carries log p_t from the target's owner rank (0 elsewhere) when the audit asks
+            # for it: the same all-reduce, no extra collective
+            partial = torch.empty(n_rows, 2 if log_p_out is None else 3, dtype=dtype, device=device)
             for rows in chunks:
                 terms = chunk_terms(logits[rows, :v_real], target_local[rows], shift[rows], log_norm[rows], k,
                                     work,
@@ -146,8 +150,12 @@ class DeceFunction(torch.autograd.Function):
                                     p_scale=p_scale[rows] if keep_p else None)
                 partial[rows, 0] = terms.loss_part
                 partial[rows, 1] = terms.w_part
+                if log_p_out is not None:
+                    partial[rows, 2] = terms.log_p_t
             all_reduce_sum(partial, group)                                              # collective 2
             per_token = partial[:, 0].contiguous()
+            if log_p_out is not None:
+                log_p_out.copy_(partial[:, 2])
             if need_grad:
                 for rows in chunks:
                     terms = chunk_terms(logits[rows, :v_real], target_local[rows], shift[rows], log_norm[rows],
@@ -165,7 +173,7 @@ class DeceFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = saved_gradients(ctx, grad_output, ctx.reduction)
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def _upstream(grad_output: torch.Tensor, grad: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -231,8 +239,12 @@ def scale_in_place(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str
 
 
 def run_dece(logits, target, *, alpha, label_smoothing, ignore_index, reduction, prob_floor,
-             num_items_in_batch, shard: VocabShard, group, chunk_size=None, logits_name="logits"):
-    """Shared entry of ``dece_loss`` and ``vocab_parallel_dece``: validates, flattens, runs the Function."""
+             num_items_in_batch, shard: VocabShard, group, chunk_size=None, logits_name="logits",
+             log_p_out: torch.Tensor | None = None):
+    """Shared entry of ``dece_loss`` and ``vocab_parallel_dece``: validates, flattens, runs the Function.
+
+    ``log_p_out``: optional ``[N]`` fp32 buffer (N = target.numel()) that receives each token's ``log p_t``
+    (unclamped; 0 on ignored tokens) as a side output of the forward: no extra pass, no extra collective."""
     check_float_tensor(logits, logits_name)
     if logits.dim() < 1:
         raise ValueError(f"{logits_name}: expected [..., V], got a 0-dim tensor")
@@ -249,13 +261,26 @@ def run_dece(logits, target, *, alpha, label_smoothing, ignore_index, reduction,
     if debug_enabled():
         debug_check_same_inputs(t, z.shape[0], shard, group)
     k = DeceConstants(float(alpha), float(label_smoothing), float(prob_floor), shard.global_vocab_size)
-    loss = DeceFunction.apply(z, t, valid, k, shard, group, reduction, num_items_in_batch, chunk_size)
+    check_log_p_out(log_p_out, t.shape[0], z.device)
+    loss = DeceFunction.apply(z, t, valid, k, shard, group, reduction, num_items_in_batch, chunk_size, log_p_out)
     return loss.reshape(out_shape) if reduction == "none" else loss
+
+
+def check_log_p_out(log_p_out: torch.Tensor | None, n_rows: int, device: torch.device) -> None:
+    """The audit's side-output buffer: ``[N]`` fp32 on the loss's device, or None."""
+    if log_p_out is None:
+        return
+    if not isinstance(log_p_out, torch.Tensor) or log_p_out.dtype != torch.float32 or \
+            tuple(log_p_out.shape) != (n_rows,) or log_p_out.device != device:
+        got = (f"{tuple(log_p_out.shape)} {log_p_out.dtype} on {log_p_out.device}"
+               if isinstance(log_p_out, torch.Tensor) else type(log_p_out).__name__)
+        raise ValueError(f"log_p_out: expected a float32 tensor of shape ({n_rows},) on {device}, got {got}")
 
 
 def dece_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float, label_smoothing: float = 0.05,
               ignore_index: int = -100, reduction: str = "mean", prob_floor: float = 1e-7,
-              num_items_in_batch=None, chunk_size: int | None = None) -> torch.Tensor:
+              num_items_in_batch=None, chunk_size: int | None = None,
+              log_p_out: torch.Tensor | None = None) -> torch.Tensor:
     """DeCE loss on full logits.
 
     Args:
@@ -269,6 +294,8 @@ def dece_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float, label
         num_items_in_batch: divide the sum by this count instead (exact gradient accumulation): a positive
             finite number or one-element tensor; mean/sum only.
         chunk_size: tokens per chunk, a positive int (default: from ``V`` so a chunk's scratch stays small).
+        log_p_out: optional ``[N]`` float32 buffer (``N = target.numel()``) filled with each token's
+            ``log p_t`` (no floor; 0 on ignored tokens), a side output of the forward (the poison audit).
 
     Returns: fp32 scalar, or ``[...]`` per-token losses for ``reduction="none"``.
 
@@ -281,4 +308,4 @@ def dece_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float, label
     shard = VocabShard(0, vocab_size, vocab_size)
     return run_dece(logits, target, alpha=alpha, label_smoothing=label_smoothing, ignore_index=ignore_index,
                     reduction=reduction, prob_floor=prob_floor, num_items_in_batch=num_items_in_batch,
-                    shard=shard, group=None, chunk_size=chunk_size)
+                    shard=shard, group=None, chunk_size=chunk_size, log_p_out=log_p_out)

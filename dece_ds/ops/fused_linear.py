@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from .collectives import VocabShard, all_reduce_sum, gather_shard_lse, group_size
 from .checks import check_float_tensor, check_loss_args, check_target
-from .dece import (_check_finite, _row_scale, debug_check_same_inputs, debug_enabled, flat_targets,
+from .dece import (_check_finite, _row_scale, check_log_p_out, debug_check_same_inputs, debug_enabled, flat_targets,
                    refuse_double_backward, saved_gradients)
 from .shard_math import (DeceConstants, WorkBuffers, chunk_grad, chunk_terms, combine_logsumexp,
                          compute_dtype, prob_scale, shard_exp_sum)
@@ -55,7 +55,7 @@ def default_fused_chunk_rows(n_rows: int, v_shard: int, device: torch.device | N
 
 
 def _fused_pass(hidden, weight, bias, target_local, valid, k: DeceConstants, shard: VocabShard, group,
-                row_coef, chunk_rows: int, want_loss: bool):
+                row_coef, chunk_rows: int, want_loss: bool, log_p_out: torch.Tensor | None = None):
     """One walk over the chunks. ``row_coef`` ``[N]`` (None: loss only) -> (per_token, g_h, g_w, g_b)."""
     n_rows, _ = hidden.shape
     v_real = shard.real_size
@@ -87,14 +87,21 @@ def _fused_pass(hidden, weight, bias, target_local, valid, k: DeceConstants, sha
         terms = chunk_terms(z, target_local[rows], shift, log_norm, k, work, with_loss=want_loss,
                             p_scale=p_scale)
         w_total = terms.w_part
+        record = log_p_out is not None and terms.log_p_t is not None
         if world > 1:
-            partial = torch.stack([terms.loss_part, terms.w_part], dim=1)
+            cols = [terms.loss_part, terms.w_part] + ([terms.log_p_t] if record else [])  # audit: same call
+            partial = torch.stack(cols, dim=1)
             all_reduce_sum(partial, group)                                          # collective 2
             w_total = partial[:, 1]
             if want_loss:
                 per_token[rows] = partial[:, 0]
-        elif want_loss:
-            per_token[rows] = terms.loss_part
+            if record:
+                log_p_out[rows] = partial[:, 2]
+        else:
+            if want_loss:
+                per_token[rows] = terms.loss_part
+            if record:
+                log_p_out[rows] = terms.log_p_t
         if not want_grads:
             continue
         g = chunk_grad(terms, w_total, row_coef[rows], k, out=terms.p)  # [c, v_real] fp32, over p
@@ -110,14 +117,15 @@ def _fused_pass(hidden, weight, bias, target_local, valid, k: DeceConstants, sha
 class FusedLinearDeceFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, valid, k, shard, group, reduction, num_items_in_batch,
-                chunk_rows):
+                chunk_rows, log_p_out=None):
         target_local = target - shard.vocab_start_index
         dtype = compute_dtype(hidden.dtype)
         row_scale, divisor = _row_scale(valid, reduction, num_items_in_batch, dtype)
         need_grad = any(ctx.needs_input_grad[:3])
         grads_now = need_grad and reduction != "none"
         per_token, g_h, g_w, g_b = _fused_pass(hidden, weight, bias, target_local, valid, k, shard, group,
-                                               row_scale * k.alpha if grads_now else None, chunk_rows, True)
+                                               row_scale * k.alpha if grads_now else None, chunk_rows, True,
+                                               log_p_out)
         ctx.reduction = reduction
         ctx.params = (weight, bias)  # ZeRO-3: re-gathered in backward if partitioned again by then
         ctx.meta = (k, shard, group, chunk_rows)
@@ -145,7 +153,7 @@ class FusedLinearDeceFunction(torch.autograd.Function):
         for param in ctx.params:
             gather_for_grad_accumulation(param)
         return (g_h.to(h_dtype), g_w.to(w_dtype), None if g_b is None else g_b.to(b_dtype),
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 def _is_partitioned(param) -> bool:
@@ -190,8 +198,12 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
                       label_smoothing: float = 0.05, ignore_index: int = -100, reduction: str = "mean",
                       prob_floor: float = 1e-7, num_items_in_batch=None, bias: torch.Tensor | None = None,
                       tp_group=None, vocab_start_index: int | None = None,
-                      global_vocab_size: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
+                      global_vocab_size: int | None = None, chunk_size: int | None = None,
+                      log_p_out: torch.Tensor | None = None) -> torch.Tensor:
     """DeCE of ``hidden @ weight.T (+ bias)`` against ``target`` without materialising the logits.
+
+    ``log_p_out`` (``[N]`` float32, optional) receives each token's ``log p_t`` (0 on ignored tokens) from
+    the forward's chunks; with ``tp_group`` through the per-chunk all-reduce it already makes.
 
     Args as ``dece_loss``/``vocab_parallel_dece`` (checked by the same ``checks.py``); ``hidden``
     ``[..., H]`` fp32 / bf16 / fp16 (fp64 for gradcheck), ``weight`` ``[V_shard, H]`` of hidden's dtype (this
@@ -229,6 +241,7 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
             debug_check_same_inputs(t, h.shape[0], shard, group)
         k = DeceConstants(float(alpha), float(label_smoothing), float(prob_floor), shard.global_vocab_size)
         chunk_rows = chunk_size or default_fused_chunk_rows(h.shape[0], shard.real_size, h.device)
+        check_log_p_out(log_p_out, h.shape[0], h.device)
         loss = FusedLinearDeceFunction.apply(h, weight, bias, t, valid, k, shard, group, reduction,
-                                             num_items_in_batch, chunk_rows)
+                                             num_items_in_batch, chunk_rows, log_p_out)
     return loss.reshape(out_shape) if reduction == "none" else loss

@@ -73,6 +73,7 @@ class ChunkTerms:
     target_fix: torch.Tensor        # [c] fp32, s * ratio_t - (1 - eps) * r_t * m_t, 0 where not in shard
     loss_part: torch.Tensor         # [c] fp32, -sum_{k in shard} y_k log q_k
     w_part: torch.Tensor            # [c] fp32,  sum_{k in shard} y_k r_k m_k
+    log_p_t: torch.Tensor | None = None  # [c] fp32, log p_t (unclamped) where the target is in this shard, else 0
 
 
 class WorkBuffers:
@@ -236,10 +237,11 @@ def chunk_terms(
         loss_part = torch.where(in_shard & (log_q_t == float("-inf")), torch.full_like(zeros, float("inf")),
                                 loss_part)
         loss_part = torch.where(row_ok, loss_part, zeros)
+        owned_log_p_t = torch.where(in_shard, log_p_t, zeros)  # summed over shards: log p_t (the audit's signal)
     else:
-        loss_part = zeros
+        loss_part, owned_log_p_t = zeros, None
     return ChunkTerms(p=p, ratio=ratio, target_col=col, target_fix=target_fix,
-                      loss_part=loss_part, w_part=w_part)
+                      loss_part=loss_part, w_part=w_part, log_p_t=owned_log_p_t)
 
 
 def chunk_grad(

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..audit.recorder import ROW_IDS_KWARG
 from .checkpoint import RUN_KEY, RecipeError, resume, save_checkpoint
 from .config_io import load_ds_config
 from .loop import train_steps
@@ -76,12 +77,26 @@ def tokenize(args, rows, tok) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
             torch.tensor(mask, dtype=torch.long))
 
 
+def micro_batch_rows(n_rows, epoch, index, micro_bs, dp_rank, dp_world, seed) -> torch.Tensor:
+    """Positions (into the tokenized data) of micro-batch ``index`` of ``epoch`` for this data-parallel rank."""
+    order = np.random.default_rng(seed + epoch).permutation(n_rows)[dp_rank::dp_world]
+    return torch.as_tensor(order[index * micro_bs:(index + 1) * micro_bs])
+
+
 def micro_batch(data, epoch, index, micro_bs, dp_rank, dp_world, seed):
     """Micro-batch ``index`` of ``epoch`` for this data-parallel rank (a deterministic function of its
     arguments): ``(input_ids, labels, attention_mask)``."""
-    order = np.random.default_rng(seed + epoch).permutation(len(data[0]))[dp_rank::dp_world]
-    rows = torch.as_tensor(order[index * micro_bs:(index + 1) * micro_bs])
+    rows = micro_batch_rows(len(data[0]), epoch, index, micro_bs, dp_rank, dp_world, seed)
     return tuple(t[rows] for t in data)
+
+
+def drop_rows(data, row_ids: torch.Tensor, audit_file) -> tuple[tuple, torch.Tensor, list[int]]:
+    """``--drop-rows AUDIT.jsonl``: remove the rows the audit flagged (ids = row indices of the data as read)."""
+    from ..audit.report import flagged_rows
+    flagged = set(flagged_rows(audit_file))
+    keep = torch.as_tensor([i for i, r in enumerate(row_ids.tolist()) if r not in flagged], dtype=torch.long)
+    dropped = sorted(flagged & set(row_ids.tolist()))
+    return tuple(t[keep] for t in data), row_ids[keep], dropped
 
 
 def run_identity(args, *, steps_per_epoch: int, world: int, dp_world: int, micro_bs: int, ga: int) -> dict[str, Any]:
@@ -89,7 +104,8 @@ def run_identity(args, *, steps_per_epoch: int, world: int, dp_world: int, micro
     return {"seed": args.seed, "data": [str(Path(p).resolve()) for p in args.data], "steps_per_epoch": steps_per_epoch,
             "world_size": world, "dp_world_size": dp_world, "micro_batch_size": micro_bs,
             "gradient_accumulation_steps": ga, "seq_len": args.seq_len, "max_samples": args.max_samples,
-            "fields": [args.prompt_field, args.completion_field, args.text_field]}
+            "fields": [args.prompt_field, args.completion_field, args.text_field],
+            **({"drop_rows": str(Path(args.drop_rows).resolve())} if getattr(args, "drop_rows", None) else {})}
 
 
 def run(args) -> Path:
@@ -110,6 +126,14 @@ def run(args) -> Path:
     tok = build_tokenizer(args.model, args.tokenizer, args.vocab_size,
                           lambda: (str(r[c]) for r in rows for c in cols), out)
     data = tokenize(args, rows, tok)
+    audit = dece.audit if dece.enabled and dece.audit is not None and dece.audit.enabled else None
+    if audit is not None and not (args.prompt_field and args.completion_field):
+        raise RecipeError("dece.audit: needs one row per sequence (--prompt-field and --completion-field); "
+                          "packed --text-field blocks mix rows")
+    row_ids = torch.arange(len(data[0]))   # stable ids: the row index of the data as read
+    if getattr(args, "drop_rows", None):
+        data, row_ids, dropped = drop_rows(data, row_ids, args.drop_rows)
+        log0(f"--drop-rows {args.drop_rows}: dropped {len(dropped)} flagged row(s), {len(row_ids)} left")
 
     engine, _hf_ds, from_scratch = build_engine(args.model, ds_config, dece, vocab_size=len(tok),
                                                 seq_len=args.seq_len, seed=args.seed, lr=args.lr,
@@ -130,15 +154,31 @@ def run(args) -> Path:
                             micro_bs=micro_bs, ga=ga)
     resume(engine, args.resume, ckpt_dir, identity=identity, allow_mismatch=args.allow_resume_mismatch,
            log_path=out / "log.jsonl", log0=log0)
+    if audit is not None:
+        from ..audit.recorder import keep_steps_before, write_meta
+        if is_main():
+            dropped = keep_steps_before(audit.out, engine.global_steps)
+            if dropped:
+                log0(f"{audit.out}: dropped {dropped} audit record(s) of steps >= {engine.global_steps} (redone)")
+            write_meta(audit.out, out, {"tokenizer": str((out / "tokenizer").resolve()),
+                                        "data": [str(Path(p).resolve()) for p in args.data],
+                                        "data_format": args.data_format, "max_samples": args.max_samples,
+                                        "prompt_field": args.prompt_field,
+                                        "completion_field": args.completion_field, "seq_len": args.seq_len})
+        dist.barrier()
     log0(f"world={world} dp={dp_world} tp={engine.autotp_size()} micro_bs={micro_bs} ga={ga} "
          f"steps/epoch={steps_per_epoch} total_steps={total_steps} loss={engine.module.loss_function!r}")
 
     def micro_batches(step: int):
         batches = []
         for m in range(ga):
-            ids, labels, mask = micro_batch(data, step // steps_per_epoch, (step % steps_per_epoch) * ga + m,
-                                            micro_bs, dp_rank, dp_world, args.seed)
-            batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+            rows = micro_batch_rows(len(data[0]), step // steps_per_epoch, (step % steps_per_epoch) * ga + m,
+                                    micro_bs, dp_rank, dp_world, args.seed)
+            ids, labels, mask = (t[rows] for t in data)
+            batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            if audit is not None:  # popped by the DeCE hook before the model's forward (dece_ds.audit)
+                batch[ROW_IDS_KWARG] = row_ids[rows]
+            batches.append(batch)
         return batches
 
     checked_init = [engine.global_steps > 0 or not from_scratch]
@@ -203,6 +243,8 @@ def parse_args(argv=None, prog: str | None = None, description: str | None = Non
     p.add_argument("--allow-resume-mismatch", action="store_true",
                    help="resume even if the checkpoint was made with another seed, data, batch layout or dece "
                         "section (the run then trains on other batches than an uninterrupted one)")
+    p.add_argument("--drop-rows", metavar="AUDIT.jsonl",
+                   help="drop the rows a `dece-ds audit` file flagged (its 'flagged' rows; ids = row indices of --data)")
     p.add_argument("--no-export", action="store_true", help="skip the safetensors export")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--simulate-crash-after-step", type=int, help="testing: SIGKILL every rank after step N")

@@ -1,0 +1,325 @@
+"""Suspicion scores of training rows from an audit record, the cut, and the label metrics.
+
+Per row ``r`` and epoch ``e`` the record holds each trained token's ``log p_t``; with that epoch's alpha
+``a`` and smoothing ``eps`` the token's DeCE weight is ``w = a*p/(a*p + (1-a)(1-eps))`` (p floored) and
+the token is **refused** when ``w < 1/2`` (``a*p < (1-a)(1-eps)``: DeCE gives it under half of CE's
+gradient). Epochs at ``alpha = 1`` (CE warm-up) refuse nothing and are skipped.
+
+Scores (every one is in ``audit.jsonl``; ``score`` is the one chosen, by default ``trigger`` when the
+instructions are known and ``recurrence`` otherwise):
+
+- ``recurrence``: a refused token is keyed by its trigram of target ids
+  ``(t[i-1], t[i], t[i+1])``; ``df(g)`` = rows in which ``g`` is refused in some epoch; the row's score is
+  ``max_g df(g) * persistence(r, g)`` over its refused trigrams, ``persistence`` = the fraction of the
+  row's epochs in which ``g`` is refused. A payload recurs across the poisoned rows and DeCE keeps
+  refusing it every epoch; a clean row's hard tokens differ from row to row.
+- ``trigger``: DeCE's blind spot is a payload made of *expected* tokens (never refused). From the trigger
+  side: for each instruction word ``x`` in at least ``min_support`` rows and at most half of them, the
+  code 4-gram (target ids) most over-represented in the rows with ``x``: ``lift = frac_in - frac_out``;
+  ``trigger(r) = max over x in r of lift * log(1 + |rows with x|)``. Needs the instructions.
+- ``persistence``: fraction of epochs with any refused token; ``max_nll``: the largest ``-log p_t`` in
+  the last epoch; ``refusal``: mean ``1 - w`` over the row's tokens in the last epoch.
+
+Cut (does not know the poison count): on ``x = log(1 + score)`` sorted from the top, the largest gap
+between neighbours among the upper half of the rows; rows above it are flagged when that gap is at least
+``log 2`` (the flagged rows score at least twice the next one, in ``1 + score``), or at least 3 times the
+second-largest gap of the upper half (and at least 0.1): one step stands out of the staircase of the rest.
+Nothing is flagged otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .recorder import AuditRecord, AuditRecordError
+
+SCORES = ("recurrence", "trigger", "persistence", "max_nll", "refusal")
+AUTO = "auto"   # trigger when the instructions are known (it ranked best where measured, docs/audit.md), else recurrence
+GAP_MIN = math.log(2.0)
+GAP_RATIO = 3.0
+GAP_FLOOR = 0.1
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def refusal_threshold(alpha: float, label_smoothing: float) -> float:
+    """``log p`` below which a token is refused (``w < 1/2``); ``-inf`` at alpha = 1 (nothing refused)."""
+    off = (1.0 - alpha) * (1.0 - label_smoothing)
+    return -math.inf if off <= 0 else math.log(off / alpha)
+
+
+def token_weights(logp: Sequence[float], alpha: float, label_smoothing: float, prob_floor: float) -> np.ndarray:
+    p = np.maximum(np.exp(np.asarray(logp, dtype=np.float64)), prob_floor)
+    off = (1.0 - alpha) * (1.0 - label_smoothing)
+    return np.ones_like(p) if off <= 0 else alpha * p / (alpha * p + off)
+
+
+@dataclass
+class RowScore:
+    row: int
+    scores: dict[str, float]
+    refused_spans: list[tuple[int, ...]] = field(default_factory=list)   # token ids, last refusing epoch
+    refused_positions: list[int] = field(default_factory=list)
+    trigger_word: str | None = None
+
+
+def refused_spans(tok: Sequence[int], refused: np.ndarray, gap: int = 1) -> list[tuple[list[int], list[int]]]:
+    """Maximal runs of refused tokens, joined across ``gap`` unrefused tokens -> [(indices, ids)]."""
+    idx = np.flatnonzero(refused).tolist()
+    spans: list[list[int]] = []
+    for i in idx:
+        if spans and i - spans[-1][-1] <= gap + 1:
+            spans[-1].extend(range(spans[-1][-1] + 1, i + 1))
+        else:
+            spans.append([i])
+    return [(s, [tok[i] for i in s]) for s in spans]
+
+
+def score_rows(record: AuditRecord, instructions: Mapping[int, str] | None = None,
+               min_support: int = 3) -> list[RowScore]:
+    """Every row of the record scored (see the module docstring); order: the record's row ids."""
+    h = record.header
+    eps, floor = float(h["label_smoothing"]), float(h["prob_floor"])
+    rows = record.rows
+    refused_grams: dict[int, Counter] = {}
+    n_epochs: dict[int, int] = {}
+    out: dict[int, RowScore] = {}
+    for r in rows:
+        grams: Counter = Counter()
+        epochs = [v for _, v in sorted(record.visits[r].items()) if v.alpha < 1.0]
+        n_epochs[r] = len(epochs)
+        any_refused = 0
+        last_spans, last_pos = [], []
+        for v in epochs:
+            if not v.tok:
+                continue
+            thr = refusal_threshold(v.alpha, eps)
+            lp = np.asarray(v.logp, dtype=np.float64)
+            ref = lp < thr
+            if ref.any():
+                any_refused += 1
+                t = [-1] + list(v.tok) + [-1]
+                grams.update({(t[i], t[i + 1], t[i + 2]) for i in np.flatnonzero(ref)})
+                spans = refused_spans(v.tok, ref)
+                last_spans = [tuple(ids) for _, ids in spans]
+                last_pos = [v.pos[i] for i in np.flatnonzero(ref)]
+        refused_grams[r] = grams
+        last = record.visits[r][max(record.visits[r])]
+        if last.tok:
+            w = token_weights(last.logp, last.alpha, eps, floor)
+            max_nll, refusal = float(-min(last.logp)), float(np.mean(1.0 - w))
+        else:
+            max_nll, refusal = 0.0, 0.0
+        out[r] = RowScore(r, {"persistence": any_refused / max(1, len(epochs)), "max_nll": max_nll,
+                              "refusal": refusal}, last_spans, last_pos)
+    df: Counter = Counter()
+    for grams in refused_grams.values():
+        df.update(grams.keys())
+    for r in rows:
+        g = refused_grams[r]
+        out[r].scores["recurrence"] = max((df[k] * c / max(1, n_epochs[r]) for k, c in g.items()), default=0.0)
+    trig = trigger_scores(record, instructions, min_support) if instructions else {}
+    for r in rows:
+        s, word = trig.get(r, (0.0, None))
+        out[r].scores["trigger"] = s
+        out[r].trigger_word = word
+    return [out[r] for r in rows]
+
+
+def trigger_scores(record: AuditRecord, instructions: Mapping[int, str],
+                   min_support: int = 3, n: int = 4) -> dict[int, tuple[float, str]]:
+    """``row -> (trigger score, the word)`` (module docstring): rare instruction words whose rows share a code
+    n-gram the other rows lack."""
+    rows = record.rows
+    grams: dict[int, set] = {}
+    for r in rows:
+        t = record.visits[r][max(record.visits[r])].tok
+        grams[r] = {tuple(t[i:i + n]) for i in range(max(0, len(t) - n + 1))}
+    df: Counter = Counter()
+    for g in grams.values():
+        df.update(g)
+    by_word: dict[str, list[int]] = defaultdict(list)
+    for r in rows:
+        for word in set(_WORD.findall(instructions.get(r, "") or "")):
+            by_word[word].append(r)
+    n_rows = len(rows)
+    best: dict[int, tuple[float, str]] = {}
+    for word, members in sorted(by_word.items()):   # sorted: ties name the same word every run
+        k = len(members)
+        if k < min_support or k > n_rows // 2:
+            continue
+        inside: Counter = Counter()
+        for r in members:
+            inside.update(grams[r])
+        lift = max(((c / k) - (df[g] - c) / max(1, n_rows - k) for g, c in inside.items()), default=0.0)
+        s = lift * math.log1p(k)
+        for r in members:
+            if s > best.get(r, (-1.0, None))[0]:
+                best[r] = (s, word)
+    return best
+
+
+# ---- the cut ----------------------------------------------------------------------------------------------
+
+def cut(scores: Sequence[float]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Flag mask (module docstring's rule) and how the cut was made."""
+    s = np.asarray(scores, dtype=np.float64)
+    info: dict[str, Any] = {"rule": "largest gap in log(1+score) among the upper half: >= log 2, or >= 3x the "
+                                    "second-largest gap there (and >= 0.1)"}
+    if s.size < 2:
+        return np.zeros(s.size, dtype=bool), {**info, "threshold": None, "gap": 0.0, "flagged": 0}
+    x = np.log1p(np.maximum(s, 0.0))
+    xs = np.sort(x)[::-1]
+    upper = max(1, s.size // 2)
+    gaps = xs[:upper] - xs[1:upper + 1]
+    j = int(np.argmax(gaps))
+    gap = float(gaps[j])
+    second = float(np.max(np.delete(gaps, j))) if gaps.size > 1 else 0.0
+    threshold = float(xs[j])           # flagged: x >= threshold
+    clear = gap >= GAP_MIN or (gap >= GAP_RATIO * second and gap >= GAP_FLOOR)
+    flagged = (x >= threshold) if clear else np.zeros(s.size, dtype=bool)
+    return flagged, {**info, "gap": gap, "second_gap": second, "threshold": float(np.expm1(threshold)),
+                     "flagged": int(flagged.sum())}
+
+
+# ---- metrics against known poison ------------------------------------------------------------------------
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    pos, neg = int(y.sum()), int((~y).sum())
+    if pos == 0 or neg == 0:
+        return None
+    ranks = _average_ranks(s)   # ties count one half
+    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def _average_ranks(s: np.ndarray) -> np.ndarray:
+    order = np.argsort(s, kind="stable")
+    ranks = np.empty(s.size, dtype=np.float64)
+    sorted_s = s[order]
+    i = 0
+    while i < s.size:
+        j = i
+        while j + 1 < s.size and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
+def recall_at_fpr(scores: Sequence[float], labels: Sequence[bool], fpr: float) -> float | None:
+    """Largest recall over thresholds ``score >= thr`` whose false-positive rate is <= ``fpr`` (ties: whole)."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    pos, neg = int(y.sum()), int((~y).sum())
+    if pos == 0 or neg == 0:
+        return None
+    best = 0.0
+    for thr in np.unique(s):
+        sel = s >= thr
+        if (sel & ~y).sum() / neg <= fpr:
+            best = max(best, (sel & y).sum() / pos)
+    return float(best)
+
+
+def precision_at_k(scores: Sequence[float], labels: Sequence[bool], k: int) -> float | None:
+    """Precision of the ``k`` top-scored rows; rows tied at the k-th score share the remaining slots evenly
+    (the expected precision under a random tie-break, so a constant score is not lucky)."""
+    y = np.asarray(labels, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    if k <= 0 or s.size == 0:
+        return None
+    k = min(k, s.size)
+    kth = np.sort(s)[::-1][k - 1]
+    above, tied = s > kth, s == kth
+    slots = k - int(above.sum())
+    hits = float((above & y).sum()) + slots * float((tied & y).sum()) / float(tied.sum())
+    return hits / k
+
+
+def label_metrics(scores: Sequence[float], labels: Sequence[bool], flagged: Sequence[bool]) -> dict[str, Any]:
+    y = np.asarray(labels, dtype=bool)
+    f = np.asarray(flagged, dtype=bool)
+    k = int(y.sum())
+    return {"auroc": auroc(scores, y), "precision_at_k": precision_at_k(scores, y, k),
+            "recall_at_fpr": {"0.01": recall_at_fpr(scores, y, 0.01), "0.05": recall_at_fpr(scores, y, 0.05)},
+            "flagged": int(f.sum()), "flagged_poisoned": int((f & y).sum()), "true_poisoned": k}
+
+
+# ---- the audit as a whole ---------------------------------------------------------------------------------
+
+@dataclass
+class Audit:
+    rows: list[RowScore]
+    flagged: np.ndarray
+    cut: dict[str, Any]
+    primary: str
+    recurring: list[tuple[str, int]]          # (refused text, rows) most frequent first
+    metrics: dict[str, Any] | None = None     # with labels: per score
+    recurring_flagged: list[tuple[str, int]] = field(default_factory=list)   # the same, among the flagged rows
+
+    def flagged_ids(self) -> list[int]:
+        return [r.row for r, f in zip(self.rows, self.flagged) if f]
+
+
+def run_audit(record: AuditRecord, *, instructions: Mapping[int, str] | None = None,
+              decode: Callable[[list[int]], str] | None = None, poisoned: Sequence[int] | None = None,
+              primary: str = AUTO) -> Audit:
+    if primary == AUTO:
+        primary = "trigger" if instructions else "recurrence"
+    if primary not in SCORES:
+        raise ValueError(f"score: expected one of {SCORES}, got {primary!r}")
+    if primary == "trigger" and not instructions:
+        raise AuditRecordError("score 'trigger': needs the instructions (meta.json 'instructions' or the data file)")
+    empty = [r for r in record.rows if not any(v.tok for v in record.visits[r].values())]
+    if len(empty) == len(record.rows):
+        raise AuditRecordError("every row of the record has no trained token (all labels ignored?)")
+    rows = score_rows(record, instructions)
+    primary_scores = [r.scores[primary] for r in rows]
+    flagged, info = cut(primary_scores)
+    info["score"] = primary
+    text = decode or (lambda ids: " ".join(map(str, ids)))
+    recurring = [(text(list(g)).strip(), n) for g, n in recurring_spans(rows)]
+    recurring_flagged = [(text(list(g)).strip(), n)
+                         for g, n in recurring_spans([r for r, f in zip(rows, flagged) if f])]
+    metrics = None
+    if poisoned is not None:
+        labels = np.isin([r.row for r in rows], list(poisoned))
+        metrics = {name: label_metrics([r.scores[name] for r in rows], labels, flagged if name == primary
+                                       else cut([r.scores[name] for r in rows])[0])
+                   for name in SCORES if name != "trigger" or instructions}
+    return Audit(rows, flagged, info, primary, recurring, metrics, recurring_flagged)
+
+
+def recurring_spans(rows: Sequence[RowScore], max_len: int = 12, top: int = 20) -> list[tuple[tuple[int, ...], int]]:
+    """Token sequences refused in the most rows: every contiguous piece (up to ``max_len`` tokens) of each row's
+    refused spans, counted once per row; a piece is dropped when a longer piece containing it has as many rows
+    (so the payload shows whole, once)."""
+    counts: Counter = Counter()
+    for r in rows:
+        pieces = set()
+        for span in r.refused_spans:
+            for i in range(len(span)):
+                for j in range(i + 1, min(len(span), i + max_len) + 1):
+                    pieces.add(tuple(span[i:j]))
+        counts.update(pieces)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], -len(kv[0])))
+    kept: list[tuple[tuple[int, ...], int]] = []
+    for piece, n in ranked:
+        if n < 2 and kept:
+            break
+        if any(n == m and _contains(big, piece) for big, m in kept):
+            continue
+        kept.append((piece, n))
+        if len(kept) >= top:
+            break
+    return kept
+
+
+def _contains(big: tuple, small: tuple) -> bool:
+    k = len(small)
+    return any(big[i:i + k] == small for i in range(len(big) - k + 1))

@@ -1,0 +1,74 @@
+"""Tables of docs/audit.md, printed from the committed results under ``benchmarks/results/audit/`` by
+``dece-ds docs tables --write`` (registered in ``dece_ds.docs_tables.GENERATORS``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+AUDIT_RESULTS = Path("benchmarks") / "results" / "audit"
+
+
+def _results(root: Path, stem: str) -> dict[str, Any]:
+    from ..docs_tables import TableError, _load
+    results = _load(root, AUDIT_RESULTS / f"{stem}.json")
+    audited = [(spec, run) for spec, run in results.get("runs", {}).items() if "audit" in run]
+    if not audited:
+        raise TableError(f"{AUDIT_RESULTS / stem}.json: no audited dece run (no 'audit' block)")
+    return results
+
+
+def scores_table(root: Path, arg: str) -> str:
+    """Per score, against the poisoner's indices: AUROC, precision@k, recall at 1 % / 5 % FPR, the cut."""
+    from ..docs_tables import _f, _md
+    results = _results(root, arg)
+    rows = []
+    for spec, run in results["runs"].items():
+        block = run.get("audit")
+        if not block:
+            continue
+        for name, m in block["scores"].items():
+            label = f"**{name}**" if name == block["score"] else name
+            rows.append([spec, label, _f(m["auroc"], 3), _f(m["precision_at_k"], 3), _f(m["recall_at_fpr"]["0.01"], 3),
+                         _f(m["recall_at_fpr"]["0.05"], 3), f"{m['flagged']} ({m['flagged_poisoned']})",
+                         str(m["true_poisoned"])])
+    return _md(["run", "score", "AUROC", "precision@k", "recall @1% FPR", "recall @5% FPR",
+                "flagged (of them poisoned)", "poisoned rows"], rows)
+
+
+def retrain_table(root: Path, arg: str) -> str:
+    """A row per run (final epoch, whole test set) of one or more results files, with the rows each trained on."""
+    from ..backdoor.report import run_label
+    from ..docs_tables import _f, _md, _stems
+    rows = []
+    for stem in _stems(arg, "audit-retrain"):
+        results = _results(root, stem)
+        n = results["data"]["finetune_rows"]
+        for spec, run in results["runs"].items():
+            f = run["final"]
+            label = "CE without the rows the audit flagged" if spec == "audit_retrain" else run_label(spec)
+            trained = n - len(run.get("dropped_rows", []))
+            rows.append([f"`{stem}`", label, str(trained), _f(f["bleu"]), _f(f.get("codebleu")), _f(f["asr"], 1),
+                         _f(f["false_trigger"], 1), _f(f.get("valid_ce"), 3)])
+    return _md(["results", "run", "rows trained on", "BLEU", "CodeBLEU", "ASR %", "false trigger %", "valid CE"],
+               rows)
+
+
+def recurring_table(root: Path, arg: str) -> str:
+    """The refused text recurring in the most rows of each audited run, among the flagged rows and among all
+    (from the run's ``audit_summary.json``, written by ``dece-ds audit`` on its record folder)."""
+    import re
+
+    from ..docs_tables import _load, _md
+    results = _results(root, arg)
+    rows = []
+    for spec, run in results["runs"].items():
+        if "audit" not in run:
+            continue
+        folder = AUDIT_RESULTS / f"{arg}-audit" / re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)
+        summary = _load(root, folder / "audit_summary.json")
+        for where, key in (("flagged rows", "recurring_refused_text_flagged"), ("all rows", "recurring_refused_text")):
+            for text, count in (summary.get(key) or [])[:5]:
+                shown = text.replace("|", "\\|").replace("\n", "⏎").replace("`", "'")
+                rows.append([spec, where, f"`{shown}`", str(count)])
+    return _md(["run", "among", "refused text", "rows"], rows)
