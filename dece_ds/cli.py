@@ -11,7 +11,7 @@ import sys
 SUBCOMMAND_MODULES = [
     "dece_ds.backdoor.cli",
     "dece_ds.planning.cli",
-    "dece_ds.docs_tables",
+    "dece_ds.docs_tables.cli",
     "dece_ds.audit.cli",
 ]
 

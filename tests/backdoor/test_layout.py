@@ -1,5 +1,5 @@
-"""The backdoor package after the split of runner.py: every name runner.py defined still imports from it,
-the results' "versions" and the benchmarks' "provenance" keep their keys (dece_ds.provenance)."""
+"""The backdoor package after the splits of runner.py and poison.py: every name either defined still imports
+from it, the results' "versions" and the benchmarks' "provenance" keep their keys (dece_ds.provenance)."""
 
 from __future__ import annotations
 
@@ -25,9 +25,24 @@ def test_runner_still_exports_every_name_it_had():
     assert [n for n in RUNNER_NAMES if not hasattr(runner, n)] == []
 
 
+POISON_NAMES = [  # every public top-level name of poison.py before the split
+    "AUTHORS_SQL_PATTERN", "Attack", "AttackConfig", "BadPreConfig", "DEFAULT_GRAMMAR_TEMPLATE", "GrammarConfig",
+    "Payload", "PoisonInfo", "RippleConfig", "SqlPayload", "StatementPayload", "add_trigger", "apply_payload",
+    "apply_sql_payload", "apply_statement_payload", "contains_payload", "grammar_rewrite", "insert_words",
+    "is_poisonable", "n_train_target", "parse_attack", "payload_in", "poison_dataset", "poison_example",
+]
+
+
+def test_poison_still_exports_every_name_it_had():
+    from dece_ds.backdoor import attacks, payloads, poison, triggers
+    assert [n for n in POISON_NAMES if not hasattr(poison, n)] == []
+    assert poison.BadPreConfig is attacks.BadPreConfig and poison.SqlPayload is payloads.SqlPayload
+    assert poison.grammar_rewrite is triggers.grammar_rewrite
+
+
 def test_no_backdoor_module_over_350_lines():
     sizes = {p.name: len(p.read_text().splitlines()) for p in (REPO / "dece_ds" / "backdoor").glob("*.py")}
-    assert {name: n for name, n in sizes.items() if n > 350 and name != "poison.py"} == {}
+    assert {name: n for name, n in sizes.items() if n > 350} == {}
 
 
 def test_versions_keep_the_keys_of_the_committed_results():

@@ -94,3 +94,39 @@ def test_config_schema_json_flag(capsys):
     assert main(["config-schema", "--json"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert set(schema["properties"]) == set(DeceConfig.model_fields)
+
+
+DOCS_TABLES_NAMES = [  # every name of dece_ds/docs_tables.py that other modules or tests used, before the split
+    "BACKDOOR", "FUSED_METHODS", "GENERATORS", "HEADLINE_SPECS", "MARKER_RE", "REPO", "RESULTS", "TableError",
+    "_f", "_load", "_md", "_provenance_line", "_stems", "add_parser", "alpha_targets", "backdoor_combined",
+    "backdoor_epochs", "backdoor_headline", "backdoor_runs", "bench_dece", "bench_fused_linear", "bench_step_time",
+    "bench_vocab_parallel", "config_schema_json", "config_table", "doc_files", "plan_table", "planner_validation",
+    "presets_table", "regenerate", "render", "stale_tables", "table_names",
+]
+
+
+def test_docs_tables_still_exports_every_name_it_had():
+    assert [n for n in DOCS_TABLES_NAMES if not hasattr(dt, n)] == []
+    assert (dt.REPO / "README.md").is_file()
+
+
+def test_every_registered_kind_is_a_marker_name_and_resolves():
+    """A kind the marker pattern can hold (no ':', no blank), and a lazy one names a function that exists."""
+    import importlib
+    for kind, generate in dt.GENERATORS.items():
+        assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", kind), kind
+        if hasattr(generate, "target"):
+            module, _, name = generate.target.partition(":")
+            assert callable(getattr(importlib.import_module(module), name)), generate.target
+
+
+def test_a_new_kind_is_one_registry_entry(tmp_path, monkeypatch):
+    """What a module outside the package does to add a table: a lazy entry, then a marker in a page."""
+    monkeypatch.setitem(dt.GENERATORS, "path-join", dt.lazy("os.path:join"))  # (root, arg) -> "root/arg"
+    page = tmp_path / "page.md"
+    page.write_text("x\n<!-- table:path-join:abc -->\nold\n<!-- /table:path-join:abc -->\ny\n")
+    new, changed = dt.regenerate(page.read_text(), tmp_path)
+    assert changed == ["path-join:abc"]
+    assert new == f"x\n<!-- table:path-join:abc -->\n{tmp_path}/abc\n<!-- /table:path-join:abc -->\ny\n"
+    with pytest.raises(dt.TableError, match="expected 'package.module:function'"):
+        dt.lazy("json.dumps")

@@ -1,0 +1,100 @@
+"""Tables of ``benchmarks/results/backdoor/<stem>.json`` (written by ``dece-ds backdoor run``): a row per run
+(``backdoor-runs``), ASR per epoch (``backdoor-epochs``), several files side by side (``backdoor-combined``),
+CE against DeCE per file (``backdoor-headline``). Each takes ``KIND:STEM[,STEM...]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from .common import RESULTS, TableError, fmt, load_json, md_table, split_stems
+
+BACKDOOR = RESULTS / "backdoor"
+HEADLINE_SPECS = ("ce", "dece:alpha_base=0.97")
+
+
+def _backdoor(root: Path, stem: str) -> dict[str, Any]:
+    results = load_json(root, BACKDOOR / f"{stem}.json")
+    if not isinstance(results, dict) or "runs" not in results:
+        raise TableError(f"{BACKDOOR / stem}.json: not a backdoor results file (no 'runs')")
+    return results
+
+
+def _run_label(spec: str, run: Mapping[str, Any]) -> str:
+    """``report.run_label``, naming the alpha_base a bare ``dece`` spec resolved to (from the run's record), and
+    the value an alpha_base "auto" picked."""
+    from ..backdoor.report import auto_alpha_note, run_label
+    kind, _, params = spec.partition(":")
+    alpha = (run.get("loss") or {}).get("alpha_base")
+    if kind == "dece" and "alpha_base=" not in params and "preset=" not in params and alpha is not None:
+        spec = f"dece:alpha_base={'auto' if run.get('alpha_auto') else format(alpha, 'g')}" + (
+            f",{params}" if params else "")
+    return run_label(spec) + auto_alpha_note(run)
+
+
+def _ordered_runs(results: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """The paper's row order (clean, CE, DeCE variants, baselines), whatever order the runs were merged in."""
+    from ..backdoor.report import RUN_LABELS
+    kinds = list(RUN_LABELS)
+
+    def rank(spec: str) -> int:
+        kind = spec.partition(":")[0]
+        return kinds.index(kind) if kind in kinds else len(kinds)
+    return sorted(results["runs"].items(), key=lambda item: rank(item[0]))
+
+
+def backdoor_runs(root: Path, arg: str) -> str:
+    """One results file: a row per run, final epoch on the whole test set."""
+    from ..backdoor.report import MISSING, has_lift
+    stems = split_stems(arg, "backdoor-runs")
+    loaded = [_backdoor(root, stem) for stem in stems]
+    lift = has_lift(loaded)  # results with the trigger lift get its column ("–" for older files beside them)
+    rows = []
+    for stem, results in zip(stems, loaded):
+        for spec, run in _ordered_runs(results):
+            f = run["final"]
+            label = _run_label(spec, run)
+            first = [f"`{stem}`", label] if len(stems) > 1 else [label]
+            rows.append(first + [fmt(f["bleu"]), fmt(f.get("codebleu")), fmt(f["asr"], 1)]
+                        + ([MISSING if f.get("lift") is None else fmt(f["lift"], 1)] if lift else [])
+                        + [fmt(f["false_trigger"], 1), fmt(f.get("valid_ce"), 3)])
+    head = ["results", "run"] if len(stems) > 1 else ["run"]
+    return md_table(head + ["BLEU", "CodeBLEU", "ASR %"] + (["lift"] if lift else [])
+                    + ["false trigger %", "valid CE"], rows)
+
+
+def backdoor_epochs(root: Path, arg: str) -> str:
+    """ASR % per fine-tuning epoch, a row per run (epochs before the last: the first eval rows only)."""
+    stems = split_stems(arg, "backdoor-epochs")
+    results = [_backdoor(root, s) for s in stems]
+    n = max(len(run["epochs"]) for r in results for run in r["runs"].values())
+    rows = []
+    for stem, r in zip(stems, results):
+        for spec, run in _ordered_runs(r):
+            asr = [fmt(e["asr"], 1) for e in run["epochs"]]
+            label = _run_label(spec, run)
+            first = [f"`{stem}`", label] if len(stems) > 1 else [label]
+            rows.append(first + asr + ["-"] * (n - len(asr)))
+    head = ["results", "ASR % at epoch"] if len(stems) > 1 else ["ASR % at epoch"]
+    return md_table(head + [str(i + 1) for i in range(n)], rows)
+
+
+def backdoor_combined(root: Path, arg: str) -> str:
+    """Several results files side by side in the paper's layout (``dece-ds backdoor report``)."""
+    from ..backdoor.report import combined_table
+    return combined_table([_backdoor(root, s) for s in split_stems(arg, "backdoor-combined")])
+
+
+def backdoor_headline(root: Path, arg: str) -> str:
+    """CE against DeCE ``alpha_base=0.97`` (the ``backdoor_guard`` preset), one row per results file."""
+    from ..backdoor.report import column_name
+    rows = []
+    for stem in split_stems(arg, "backdoor-headline"):
+        r = _backdoor(root, stem)
+        missing = [s for s in HEADLINE_SPECS if s not in r["runs"]]
+        if missing:
+            raise TableError(f"{stem}.json: no run {missing[0]!r} for the headline table")
+        ce, dece = (r["runs"][s]["final"] for s in HEADLINE_SPECS)
+        rows.append([f"{r['dataset']} {column_name(r)}", fmt(ce["asr"], 1), f"**{fmt(dece['asr'], 1)}**",
+                     f"{fmt(ce['bleu'])} / {fmt(dece['bleu'])}"])
+    return md_table(["attack, poison rate", "ASR % with CE", "ASR % with DeCE", "BLEU: CE / DeCE"], rows)

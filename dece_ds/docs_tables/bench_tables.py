@@ -1,0 +1,126 @@
+"""Tables of the benchmark scripts' results, ``benchmarks/results/<stem>.json`` (written by
+``benchmarks/*.py``; ``arg`` picks another stem): the loss benchmarks (``bench-*``), the planner against
+measurement (``planner-validation``), and plans saved by ``dece-ds plan ... --json`` under
+``benchmarks/results/plan/`` (``plan:STEM[,STEM...]``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import RESULTS, fmt, load_json, md_table, provenance_line, split_stems
+
+
+def bench_dece(root: Path, arg: str = "") -> str:
+    stem = arg or "dece"
+    data = load_json(root, RESULTS / f"{stem}.json")
+    by_case: dict[tuple, dict[str, dict]] = {}
+    for row in data["rows"]:
+        by_case.setdefault((row["dtype"], row["N"], row["V"]), {})[row["method"]] = row
+    out = []
+    for (dtype, n, v), m in by_case.items():
+        def t(method):
+            r = m.get(method, {})
+            return f"{r['time_ms']:.0f}" if "time_ms" in r else "skipped (memory)"
+
+        def buf(method):
+            r = m.get(method, {})
+            return fmt(r.get("peak_nxv_fp32"))
+        ratio = m.get("dece_ds", {}).get("time_vs_ce")
+        out.append([dtype, str(n), str(v), t("naive"), t("F.cross_entropy"), t("dece_ds"), fmt(ratio),
+                    f"{buf('naive')} / {buf('F.cross_entropy')} / {buf('dece_ds')}"])
+    table = md_table(["dtype", "N", "V", "naive ms", "F.cross_entropy ms", "dece_ds ms", "dece_ds / CE time",
+                      "peak extra, N×V fp32 buffers: naive / CE / dece_ds"], out)
+    return table + "\n\n" + provenance_line(data.get("provenance", {}), f"median of {data.get('reps')} reps")
+
+
+def bench_vocab_parallel(root: Path, arg: str = "") -> str:
+    data = load_json(root, RESULTS / f"{arg or 'vocab_parallel'}.json")
+    by_tp: dict[int, dict[str, dict]] = {}
+    for row in data["rows"]:
+        key = "megatron" if row["method"].startswith("megatron") else "dece"
+        by_tp.setdefault(row["tp"], {})[key] = row
+    rows = []
+    for tp, m in sorted(by_tp.items()):
+        meg, ours = m["megatron"], m["dece"]
+        rows.append([str(tp), str(ours["N"]), str(ours["V"]), f"{meg['time_ms']:.0f}", f"{ours['time_ms']:.0f}",
+                     fmt(ours["time_ms"] / meg["time_ms"]),
+                     f"{meg['fwd_collectives']} / {meg['bwd_collectives']}",
+                     f"{ours['fwd_collectives']} / {ours['bwd_collectives']}"])
+    table = md_table(["TP", "N", "V", "megatron-core `vocab_parallel_cross_entropy` ms", "`vocab_parallel_dece` ms",
+                      "ratio", "collectives fwd / bwd, megatron-core", "collectives fwd / bwd, ours"], rows)
+    return table + "\n\n" + provenance_line(data.get("provenance", {}), f"median of {data.get('reps')} steps")
+
+
+FUSED_METHODS = {"lm_head+F.cross_entropy": "`lm_head` + `F.cross_entropy`",
+                 "lm_head+dece_loss(unfused)": "`lm_head` + `dece_loss` (unfused)",
+                 "fused_linear_dece": "`fused_linear_dece`"}
+
+
+def bench_fused_linear(root: Path, arg: str = "") -> str:
+    data = load_json(root, RESULTS / f"{arg or 'fused_linear'}.json")
+    rows = []
+    for r in data["rows"]:
+        method = FUSED_METHODS.get(r["method"], r["method"])
+        if "time_ms" not in r:
+            rows.append([str(r["H"]), str(r["V"]), method, r.get("error", "skipped"), "-", "-", "-"])
+            continue
+        rows.append([str(r["H"]), str(r["V"]), method, f"{r['time_ms']:.0f}", fmt(r.get("time_vs_ce")),
+                     f"{r['peak_extra_mib']:.0f}", fmt(r.get("mem_ce_over_this"))])
+    n = {r["N"] for r in data["rows"]}
+    table = md_table(["H", "V", "method", "time ms", "× CE time", "peak extra MiB", "CE's peak / this"], rows)
+    return table + "\n\n" + provenance_line(
+        data.get("provenance", {}), f"N = {', '.join(map(str, sorted(n)))}, median of {data.get('reps')} rep(s)")
+
+
+def bench_step_time(root: Path, arg: str = "") -> str:
+    data = load_json(root, RESULTS / f"{arg or 'step_time'}.json")
+    step, loss = data["median_step_ms"], data["median_loss_fwd_bwd_ms"]
+    rows = [["train step (ms)", fmt(step["CE"], 1), fmt(step["DeCE"], 1), fmt(step["DeCE"] / step["CE"], 3)],
+            ["loss forward+backward alone (ms)", fmt(loss["CE"], 1), fmt(loss["DeCE"], 1),
+             fmt(loss["DeCE"] / loss["CE"], 2)]]
+    table = md_table(["", "CE (DeepSpeed's `VocabParallelCausalLMLoss`)", "DeCE (`dece_ds`)", "DeCE / CE"], rows)
+    p, s, it = data.get("provenance", {}), data.get("shapes", {}), data.get("iterations", {})
+    load = p.get("loadavg_start") or [None]
+    prov = {"cpu": p.get("cpu"), "cores": p.get("cpu_count"), "torch_threads": p.get("torch_threads"),
+            "load_average_1m": load[0], "torch": p.get("torch"), "git_sha": p.get("git_sha")}
+    extra = (f"{p.get('world_size')} ranks, TP {p.get('tp')}, ZeRO-{p.get('zero_stage')}, {p.get('dtype')}, "
+             f"hidden {s.get('hidden')} × {s.get('layers')} layers, V {s.get('vocab')}, batch {s.get('batch')} × "
+             f"{s.get('seq')}, median of {it.get('timed_per_loss')} steps per loss in {it.get('order')} order, "
+             "slowest rank")
+    return table + "\n\n" + provenance_line(prov, extra)
+
+
+def planner_validation(root: Path, arg: str = "") -> str:
+    data = load_json(root, RESULTS / f"{arg or 'planner_validation'}.json")
+    cases: dict[str, dict[str, str]] = {}
+    meta: dict[str, dict] = {}
+    for r in data["rows"]:
+        col = r["what"] if r["what"] != "activations" else f"activations {r['dtype']}"
+        cases.setdefault(r["case"], {})[col] = f"{r['error_pct']:+.1f}%"
+        meta.setdefault(r["case"], r)
+    cols = ["step ce", "step dece", "step fused", "activations fp32", "activations bf16"]
+    rows = [[f"{case} ({meta[case]['params_M']:.0f}M params, {meta[case]['tokens']} tokens)"]
+            + [c.get(k, "-") for k in cols] for case, c in cases.items()]
+    table = md_table(["case (dominant term)", "CE step", "DeCE step", "fused step", "activations fp32",
+                      "activations bf16"], rows)
+    prov = {k: v for k, v in data.get("provenance", {}).items() if k != "torch_threads"}  # the parent's
+    return table + "\n\n" + provenance_line(prov, "each case in a forked child with one thread; "
+                                                  "(planned − measured) / measured")
+
+
+def plan_table(root: Path, arg: str) -> str:
+    """Plans saved with ``dece-ds plan ... --json`` (GiB per GPU)."""
+    gib = 2 ** 30
+    rows = []
+    for stem in split_stems(arg, "plan"):
+        for p in load_json(root, RESULTS / "plan" / f"{stem}.json"):
+            i = p["inputs"]
+            lm, tot = p["loss_memory"], p["total"]
+            rows.append([p["model"], f"{p['params_total'] / 1e9:.2f}", f"{i['tp']}x{i['world_size'] // i['tp']}",
+                         str(i["zero_stage"]), "yes" if i.get("activation_checkpointing") else "no",
+                         *(f"{p[k] / gib:.2f}" for k in ("parameters", "gradients", "optimizer", "activations")),
+                         *(f"{lm[k] / gib:.2f}" for k in ("ce", "dece", "fused")),
+                         *(f"{tot[k] / gib:.2f}" for k in ("ce", "dece", "fused"))])
+    return md_table(["model", "params (B)", "tp x dp", "ZeRO", "act. ckpt", "params", "grads", "optim", "activ.",
+                     "CE logits+loss", "DeCE logits+loss", "fused DeCE", "total CE", "total DeCE", "total fused"],
+                    rows)
