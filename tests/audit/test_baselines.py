@@ -153,3 +153,21 @@ def test_target_tokens_and_bad_inputs():
     with pytest.raises(ValueError, match="data: expected the key 'labels'"):
         row_features(tiny_model(), {"input_ids": torch.zeros(1, 2, dtype=torch.long),
                                     "attention_mask": torch.ones(1, 2, dtype=torch.long)})
+
+
+def test_ngram_without_clean_rows_is_fitted_on_the_training_rows():
+    from dece_ds.backdoor.audit_run import ngram_scores
+    labels = torch.full((12, 9), -100)
+    vocab: dict[str, int] = {}
+    for r, row in enumerate(code_rows(12, {3}, seed=6)):
+        ids = [vocab.setdefault(t, len(vocab)) for t in row][:8]
+        labels[r, 1:1 + len(ids)] = torch.tensor(ids)
+    rows = target_tokens(labels)
+    empty = {"labels": torch.zeros((0, 9), dtype=torch.long)}
+    for reference in (None, empty):
+        scores, fit_on = ngram_scores({"labels": labels}, reference)
+        assert fit_on == "training_rows"
+        np.testing.assert_array_equal(scores, naturalness_scores(rows, reference=rows))
+    scores, fit_on = ngram_scores({"labels": labels}, {"labels": labels[:4]})
+    assert fit_on == "held_apart_clean"
+    np.testing.assert_array_equal(scores, naturalness_scores(rows, reference=rows[:4]))
