@@ -5,6 +5,7 @@ statement (plus its language model against a hand computation)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -171,3 +172,34 @@ def test_ngram_without_clean_rows_is_fitted_on_the_training_rows():
     scores, fit_on = ngram_scores({"labels": labels}, {"labels": labels[:4]})
     assert fit_on == "held_apart_clean"
     np.testing.assert_array_equal(scores, naturalness_scores(rows, reference=rows[:4]))
+
+
+def test_baselines_table_from_a_results_file(tmp_path):
+    from dece_ds.audit.tables import baselines_table
+    from dece_ds.docs_tables import TableError
+
+    def m(a, p, r1, r5, f, fp, **extra):
+        return {"auroc": a, "precision_at_k": p, "recall_at_fpr": {"0.01": r1, "0.05": r5}, "flagged": f,
+                "flagged_poisoned": fp, "true_poisoned": 40, **extra}
+    results = {"runs": {
+        "ce": {"audit_baselines": {"ce_loss": m(0.61, 0.2, 0.0, 0.1, 0, 0, auroc_low=0.39),
+                                   "spectral": m(0.5, 0.1, 0.0, 0.05, 3, 1),
+                                   "ngram": m(0.9, 0.75, 0.5, 0.8, 30, 29, fit_on="held_apart_clean")}},
+        "dece:alpha_base=0.97": {"audit": {**m(1.0, 1.0, 1.0, 1.0, 40, 40), "score": "trigger"}},
+        "gce": {}}}
+    folder = tmp_path / "benchmarks" / "results" / "audit"
+    folder.mkdir(parents=True)
+    (folder / "x.json").write_text(json.dumps(results))
+    lines = baselines_table(tmp_path, "x").splitlines()
+    assert lines[0].startswith("| results | run | detector | AUROC |")
+    assert lines[2:] == [
+        "| `x` | CE on poisoned data | per-row CE loss (high = suspicious); low = suspicious: AUROC 0.390 | 0.610 | "
+        "0.200 | 0.000 | 0.100 | 0 (0) | 40 |",
+        "| `x` | CE on poisoned data | spectral signature | 0.500 | 0.100 | 0.000 | 0.050 | 3 (1) | 40 |",
+        "| `x` | CE on poisoned data | n-gram naturalness (fitted on the held-apart clean rows) | 0.900 | 0.750 | 0.500 | "
+        "0.800 | 30 (29) | 40 |",
+        "| `x` | DeCE on poisoned data (alpha_base=0.97) | audit (`trigger`) | 1.000 | 1.000 | 1.000 | 1.000 | "
+        "40 (40) | 40 |"]
+    (folder / "y.json").write_text(json.dumps({"runs": {"ce": {}}}))
+    with pytest.raises(TableError, match="no ce run with an 'audit_baselines' block"):
+        baselines_table(tmp_path, "y")
