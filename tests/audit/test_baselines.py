@@ -196,8 +196,8 @@ def test_baselines_table_from_a_results_file(tmp_path):
         "| `x` | CE on poisoned data | per-row CE loss (high = suspicious); low = suspicious: AUROC 0.390 | 0.610 | "
         "0.200 | 0.000 | 0.100 | 0 (0) | 40 |",
         "| `x` | CE on poisoned data | spectral signature | 0.500 | 0.100 | 0.000 | 0.050 | 3 (1) | 40 |",
-        "| `x` | CE on poisoned data | n-gram naturalness (fitted on the held-apart clean rows) | 0.900 | 0.750 | 0.500 | "
-        "0.800 | 30 (29) | 40 |",
+        "| `x` | CE on poisoned data | n-gram naturalness (fitted on the held-apart clean rows) | 0.900 | 0.750 | "
+        "0.500 | 0.800 | 30 (29) | 40 |",
         "| `x` | DeCE on poisoned data (alpha_base=0.97) | audit (`trigger`) | 1.000 | 1.000 | 1.000 | 1.000 | "
         "40 (40) | 40 |"]
     (folder / "y.json").write_text(json.dumps({"runs": {"ce": {}}}))
