@@ -45,6 +45,7 @@ def demo_config(args) -> ExperimentConfig:
         "attack": {"attack": "badpre", "rate": args.rate / 100.0, "trigger": "bb",
                    "payload": {"kind": "statement", "code": '__import__("os").system("id")'}},
         "runs": args.runs.split(","),
+        "audit_baselines": args.audit_baselines,
         "finetune_rows": args.finetune_rows,
         "pretrain_task_rows": 800,
         "dece": {"alpha_base": args.alpha_base, "label_smoothing": 0.05},
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/backdoor/demo")
     p.add_argument("--runs", default="ce,dece", help="comma-separated: clean,ce,dece,ls,gce,intrust")
+    p.add_argument("--audit-baselines", action="store_true",
+                   help="ce runs also score their training rows with the poison audit's baselines (docs/audit.md)")
     p.add_argument("--rate", type=float, default=10.0, help="poison rate in percent")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--alpha-base", type=alpha_base_arg, default=0.97, help="a number, or auto (dece_ds.auto_alpha)")

@@ -72,3 +72,42 @@ def recurring_table(root: Path, arg: str) -> str:
                 shown = text.replace("|", "\\|").replace("\n", "⏎").replace("`", "'")
                 rows.append([spec, where, f"`{shown}`", str(count)])
     return _md(["run", "among", "refused text", "rows"], rows)
+
+
+BASELINE_LABELS = {"ce_loss": "per-row CE loss (high = suspicious)", "spectral": "spectral signature",
+                   "ngram": "n-gram naturalness"}
+FIT_ON = {"held_apart_clean": "held-apart clean rows", "training_rows": "training rows"}
+
+
+def baselines_table(root: Path, arg: str) -> str:
+    """The audit against the baseline detectors on the same rows, per results file (one or more stems): the
+    audit's ranking score of each audited ``dece`` run (its ``"audit"`` block) and the three baselines of each
+    ``ce`` run (its ``"audit_baselines"`` block, ``dece-ds backdoor run --audit-baselines``), against the
+    poisoner's indices: AUROC, precision@k, recall at 1 % / 5 % FPR, the audit's cut."""
+    from ..backdoor.report import run_label
+    from ..docs_tables import TableError, _f, _load, _md, _stems
+    rows = []
+
+    def row(stem, spec, detector, m):
+        rows.append([f"`{stem}`", run_label(spec), detector, _f(m["auroc"], 3), _f(m["precision_at_k"], 3),
+                     _f(m["recall_at_fpr"]["0.01"], 3), _f(m["recall_at_fpr"]["0.05"], 3),
+                     f"{m['flagged']} ({m['flagged_poisoned']})", str(m["true_poisoned"])])
+
+    for stem in _stems(arg, "audit-baselines"):
+        results = _load(root, AUDIT_RESULTS / f"{stem}.json")
+        runs = results.get("runs", {})
+        if not any("audit_baselines" in run for run in runs.values()):
+            raise TableError(f"{AUDIT_RESULTS / stem}.json: no ce run with an 'audit_baselines' block "
+                             f"(dece-ds backdoor run --audit-baselines)")
+        for spec, run in runs.items():
+            if "audit" in run:
+                row(stem, spec, f"audit (`{run['audit']['score']}`)", run["audit"])
+            for name, m in run.get("audit_baselines", {}).items():
+                label = BASELINE_LABELS.get(name, name)
+                if name == "ce_loss" and m.get("auroc_low") is not None:
+                    label += f"; low = suspicious: AUROC {m['auroc_low']:.3f}"
+                if name == "ngram" and m.get("fit_on"):
+                    label += f" (fitted on the {FIT_ON.get(m['fit_on'], m['fit_on'])})"
+                row(stem, spec, label, m)
+    return _md(["results", "run", "detector", "AUROC", "precision@k", "recall @1% FPR", "recall @5% FPR",
+                "flagged (of them poisoned)", "poisoned rows"], rows)

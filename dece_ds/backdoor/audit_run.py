@@ -6,6 +6,12 @@ With ``audit_retrain`` in the runs, every ``dece`` run records its per-row ``log
 scored against the poisoner's known indices. ``audit_retrain`` then drops the rows that audit flagged (the
 cut of ``audit.score.cut``: it does not know the poison count) and fine-tunes plain CE from the same
 stand-in weights on the rest, evaluated like every other run.
+
+Baselines (``--audit-baselines``, or ``audit_retrain`` in the runs): every ``ce`` run gets an
+``"audit_baselines"`` block after training: the per-row CE loss and spectral signatures of the trained model
+(``audit.baselines``, one forward pass over its training rows) and the n-gram naturalness detector
+(``audit.naturalness``, from the data alone), each scored against the same poisoned indices with the same
+metrics and cut as the audit (``baselines_block``).
 """
 
 from __future__ import annotations
@@ -15,11 +21,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from ..audit.recorder import read_record, write_meta
 from ..audit.report import write_audit
-from ..audit.score import run_audit
+from ..audit.score import auroc, cut, label_metrics, run_audit
 
 
 def record_dir(out_dir: str | Path, stem: str, spec: str) -> Path:
@@ -38,8 +45,8 @@ def audit_dece_run(rec_dir: Path, tok, rows: Sequence[Mapping[str, Any]], poison
     instructions = {i: str(r["src"]) for i, r in enumerate(rows)}
     tok_file = rec_dir / "tokenizer.json"
     tok.save(tok_file)
-    write_meta(rec_dir, None, {"tokenizer_file": tok_file.name,   # relative to the record folder "instructions": [str(r["src"]) for r in rows],
-                               "poisoned": list(poisoned)})
+    write_meta(rec_dir, None, {"tokenizer_file": tok_file.name,   # relative to the record folder
+                               "instructions": [str(r["src"]) for r in rows], "poisoned": list(poisoned)})
     audit = run_audit(read_record(rec_dir), instructions=instructions, decode=tok.decode, poisoned=poisoned,
                       primary=score)
     write_audit(audit, rec_dir, instructions=instructions, decode=tok.decode, poisoned=poisoned)
@@ -61,3 +68,38 @@ def keep_rows(data: Mapping[str, torch.Tensor], drop: Sequence[int]) -> tuple[di
     kept = [i for i in range(n) if i not in dropped]
     idx = torch.as_tensor(kept, dtype=torch.long)
     return {k: v[idx] for k, v in data.items()}, kept
+
+
+def _metrics(scores, labels: np.ndarray) -> dict[str, Any]:
+    """The audit's metric keys for one score, its flags from the audit's own cut (``audit.score.cut``)."""
+    flagged, info = cut(scores)
+    return {**label_metrics(scores, labels, flagged), "cut": info}
+
+
+def ngram_scores(data: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor] | None,
+                 ignore_index: int = -100) -> tuple[np.ndarray, str]:
+    """The n-gram naturalness scores ``[N]`` of the training rows' target ids (``audit.naturalness``), the model
+    fitted on ``reference``'s targets (clean rows) when it has rows, else on the training rows; -> (scores,
+    what it was fitted on: ``"held_apart_clean"`` or ``"training_rows"``)."""
+    from ..audit.naturalness import naturalness_scores, target_tokens
+    rows = target_tokens(data["labels"], ignore_index)
+    if reference is not None and reference["labels"].shape[0]:
+        return naturalness_scores(rows, target_tokens(reference["labels"], ignore_index)), "held_apart_clean"
+    return naturalness_scores(rows), "training_rows"
+
+
+def baselines_block(model, data: Mapping[str, torch.Tensor], poisoned: Sequence[int],
+                    ngram: tuple[np.ndarray, str], batch_size: int = 32) -> dict[str, Any]:
+    """A ``ce`` run's ``"audit_baselines"``: ``ce_loss`` (high loss = suspicious; ``auroc_low`` is the other
+    direction), ``spectral`` and ``ngram`` (``fit_on`` says which rows its model was fitted on), each with the
+    audit block's metric keys (``auroc``, ``precision_at_k``, ``recall_at_fpr``, ``flagged``,
+    ``flagged_poisoned``, ``true_poisoned``, ``cut``). ``model``: the trained HF model; ``data``: its training
+    tensors ``[N, L]``; ``ngram``: ``ngram_scores``'s result on the same rows."""
+    from ..audit.baselines import row_features, spectral_scores
+    nll, reps = row_features(model, data, batch_size)
+    labels = np.isin(np.arange(nll.shape[0]), list(poisoned))
+    loss = nll.double().numpy()
+    ng, fit_on = ngram
+    return {"ce_loss": {**_metrics(loss, labels), "auroc_low": auroc(-loss, labels)},
+            "spectral": _metrics(spectral_scores(reps).numpy(), labels),
+            "ngram": {**_metrics(ng, labels), "fit_on": fit_on}}

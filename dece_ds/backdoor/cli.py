@@ -59,6 +59,10 @@ def add_parser(subparsers) -> None:
                    help="trigger words inserted per instruction (badpre/ripple; the paper: 1 or 3)")
     r.add_argument("--runs", type=_csv, help="comma-separated run specs, e.g. clean,ce,dece,gce,intrust,ls or "
                                              "'dece:alpha_base=0.95,ce_warmup_epochs=2'")
+    r.add_argument("--audit-baselines", action="store_true",
+                   help="every ce run also scores its training rows with the poison audit's baselines (per-row CE "
+                        "loss, spectral signatures, n-gram naturalness) against the poisoned rows (docs/audit.md); "
+                        "on whenever the runs include audit_retrain")
     r.add_argument("--epochs", type=int, help="fine-tuning epochs")
     r.add_argument("--lr", type=float, help="fine-tuning learning rate")
     r.add_argument("--batch-size", type=int)
@@ -157,6 +161,8 @@ def build_config(args: argparse.Namespace):
                        ("test_rows", "eval.test_rows"), ("max_new_tokens", "eval.max_new_tokens"),
                        ("threads", "threads"), ("seed", "seed"), ("finetune_seed", "finetune_seed"), ("name", "name"), ("cache_dir", "cache_dir"), ("finetune_dropout", "finetune_dropout")]:
         set_(path, getattr(args, flag))
+    if getattr(args, "audit_baselines", False):
+        _set(base, "audit_baselines", True)
     if args.no_codebleu:
         _set(base, "eval.codebleu", False)
     if "dece" in base:

@@ -40,7 +40,8 @@ Data flow (``run_experiment(ExperimentConfig)``):
 "finetune_seed", "runs": {spec: {"final": {"asr", "bleu", "codebleu", "false_trigger", "exact_match", "valid_ce",
 "untriggered_payload_rate", "lift"}, "alpha_auto" (dece runs with alpha_base "auto"),
 "epochs": [{"epoch", "asr", "bleu", "exact_match", "false_trigger", "valid_ce", "alpha",
-"train_loss", "eval_rows", "wall_time_s", "untriggered_payload_rate", "lift"}], "wall_time_s", "loss"}}}``;
+"train_loss", "eval_rows", "wall_time_s", "untriggered_payload_rate", "lift"}], "wall_time_s", "loss",
+"audit" (dece runs, with audit_retrain), "audit_baselines" (ce runs, with audit_retrain or audit_baselines)}}}``;
 rates, ASR and lift in percent (lift: ``evaluate``'s docstring).
 """
 
@@ -49,6 +50,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
@@ -89,6 +91,9 @@ class ExperimentConfig(BaseModel):
         "the fine-tuning ones: disjoint sets) or 'train_tail' (the last rows of the train split, which the "
         "fine-tuning set may include, clean: the poison goes into its first rows and never into these).")
     runs: tuple[str, ...] = ("clean", "ce", "dece")
+    audit_baselines: bool = Field(False, description="Every ce run also scores its training rows with the audit's "
+                                  "baselines (CE loss, spectral signatures, n-gram naturalness; docs/audit.md); "
+                                  "on whenever the runs include audit_retrain.")
     auto_alpha_quantile: float = Field(
         0.1, gt=0.0, lt=1.0, description="dece runs with alpha_base 'auto': the quantile q of the stand-in's "
         "target-token probabilities that keeps half of CE's gradient (dece_ds.auto_alpha).")
@@ -249,6 +254,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, log: Calla
         f"valid CE {base_eval['valid_ce']:.3f}")
     auditing = any(parse_run(s)[0] == "audit_retrain" for s in cfg.runs)
     flagged: list[int] | None = None   # by the audit of the latest dece run (docs/audit.md)
+    baselines = cfg.audit_baselines or auditing
+    ngram = None   # the n-gram baseline needs the data only: once for every ce run
     for spec_str in cfg.runs:
         kind, _ = parse_run(spec_str)
         data = train_sets["clean" if kind == "clean" else "poisoned"]
@@ -256,8 +263,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, log: Calla
         if kind == "audit_retrain":
             data, kept = audit_run.keep_rows(data, flagged)
             log(f"[{spec_str}] dropped {len(flagged)} flagged row(s), CE on the {len(kept)} left")
+        inspect = None
+        if baselines and kind == "ce":
+            if ngram is None:
+                ngram = audit_run.ngram_scores(data, encode_pairs(tok, list(held), spec))
+            inspect = partial(audit_run.baselines_block, data=data, poisoned=p_info.indices, ngram=ngram,
+                              batch_size=cfg.eval.batch_size)
         results["runs"][spec_str] = fine_tune_run(cfg, spec_str, base_state, tok, data, sets, attack, log,
-                                                  audit_dir=audit_dir)
+                                                  audit_dir=audit_dir, after_training=inspect)
         if audit_dir is not None:
             block, flagged = audit_run.audit_dece_run(audit_dir, tok, list(poisoned), p_info.indices)
             results["runs"][spec_str]["audit"] = block
@@ -273,9 +286,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, log: Calla
 
 def fine_tune_run(cfg: ExperimentConfig, spec_str: str, base_state: Mapping[str, torch.Tensor], tok: Tokenizer,
                   data: Mapping[str, torch.Tensor], sets: EvalSets, attack,
-                  log: Callable[[str], None], audit_dir: Path | None = None) -> dict[str, Any]:
+                  log: Callable[[str], None], audit_dir: Path | None = None,
+                  after_training: Callable[[torch.nn.Module], dict] | None = None) -> dict[str, Any]:
     """One run spec from the stand-in's weights, evaluated after every epoch -> its record (``"kind"``,
-    ``"loss"``, ``"epochs"``, ``"final"``, ``"samples"``, ``"wall_time_s"``)."""
+    ``"loss"``, ``"epochs"``, ``"final"``, ``"samples"``, ``"wall_time_s"``; ``"audit_baselines"`` =
+    ``after_training(trained model)`` when given)."""
     kind, params = parse_run(spec_str)
     ft = cfg.finetune
     t0 = time.time()
@@ -322,6 +337,10 @@ def fine_tune_run(cfg: ExperimentConfig, spec_str: str, base_state: Mapping[str,
     if audit_dir is not None:
         from ..integrations.transformers import current_dece_loss
         current_dece_loss(engine.module).recorder.close()
+    if after_training is not None:
+        record["audit_baselines"] = after_training(engine.module)
+        log(f"[{spec_str}] audit baselines: " + ", ".join(
+            f"{k} AUROC {v['auroc']}" for k, v in record["audit_baselines"].items()))
     final = dict(record["epochs"][-1])
     record["final"] = {k: final.get(k) for k in ("asr", "bleu", "codebleu", "false_trigger", "exact_match",
                                                  "valid_ce", "untriggered_payload_rate", "lift")}
