@@ -69,6 +69,7 @@ GENERATORS: dict[str, Generator] = {
     "audit-scores": lazy("dece_ds.audit.tables:scores_table"),
     "audit-retrain": lazy("dece_ds.audit.tables:retrain_table"),
     "audit-recurring": lazy("dece_ds.audit.tables:recurring_table"),
+    "audit-baselines": lazy("dece_ds.audit.tables:baselines_table"),
 }
 
 
