@@ -66,7 +66,7 @@ from ..provenance import run_versions
 from . import audit_run
 from .encode import Tokenizer, encode_pairs
 from .evaluate import EvalSets, evaluate
-from .finetune import baseline_loss_hook, make_engine, resolve_auto_alpha, steps_per_epoch, train_epoch
+from .finetune import _current_alpha, baseline_loss_hook, dece_section, make_engine, steps_per_epoch, train_epoch
 from .poison import parse_attack, poison_dataset
 from .specs import MODEL_SIZES, EvalSpec, ModelSpec, PretrainSpec, StageSpec  # noqa: F401  (re-exported)
 from .standin import build_model, pretrain_stand_in
@@ -302,17 +302,12 @@ def fine_tune_run(cfg: ExperimentConfig, spec_str: str, base_state: Mapping[str,
             if isinstance(module, torch.nn.Dropout):
                 module.p = cfg.finetune_dropout
     spe = steps_per_epoch(data["input_ids"].shape[0], ft.batch_size)
-    dece = None
+    dece, alpha_auto = None, None
     if kind == "dece":
-        # a preset in the run spec replaces the experiment's dece defaults (explicit keys still win)
-        defaults = {} if "preset" in params else {"schedule": "epoch", **cfg.dece}
-        dece = {"enabled": True, **defaults, **params, "steps_per_epoch": spe}
-    alpha_auto = None  # alpha_base "auto": measured on the stand-in before the engine (dece_ds.auto_alpha)
-    if dece is not None and dece.get("alpha_base") == "auto":
-        dece, alpha_auto = resolve_auto_alpha(model, dece, data, ft.batch_size, ft_seed, cfg.auto_alpha_quantile)
-        log(f"[{spec_str}] alpha_base auto -> {dece['alpha_base']:.5f} ({alpha_auto['tokens']} tokens)")
-    if dece is not None and audit_dir is not None:  # record per-row log p_t for the poison audit (audit_run)
-        dece["audit"] = {"enabled": True, "out": str(audit_dir)}
+        dece, alpha_auto = dece_section(cfg.dece, params, spe, model, data, ft.batch_size, ft_seed,
+                                        cfg.auto_alpha_quantile, audit_dir)
+        if alpha_auto is not None:
+            log(f"[{spec_str}] alpha_base auto -> {dece['alpha_base']:.5f} ({alpha_auto['tokens']} tokens)")
     engine = make_engine(model, ft, spe * ft.epochs, dece)
     if kind in BASELINE_KINDS:
         baseline_loss_hook(kind, params).install(engine.module)
@@ -347,15 +342,6 @@ def fine_tune_run(cfg: ExperimentConfig, spec_str: str, base_state: Mapping[str,
     record["samples"] = samples
     record["wall_time_s"] = time.time() - t0
     return record
-
-
-def _current_alpha(model) -> float | None:
-    from ..integrations.transformers import current_dece_loss
-    hook = current_dece_loss(model)
-    if hook is None:
-        return None
-    # Before this epoch's first step the engine's global_steps points at this epoch already.
-    return hook.sync_schedule()
 
 
 def write_outputs(results: Mapping[str, Any], out_dir: Path, stem: str) -> dict[str, Path]:

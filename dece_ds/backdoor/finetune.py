@@ -139,3 +139,32 @@ def resolve_auto_alpha(model, dece: Mapping[str, Any], data: Mapping[str, torch.
     resolved, record = resolve_alpha_base(model, DeceConfig.from_dict(dece), batches, quantile=quantile,
                                           epoch_target_tokens=int((data["labels"] != IGNORE).sum()))
     return {**dece, "alpha_base": resolved.alpha_base}, record
+
+
+def dece_section(defaults: Mapping[str, Any], params: Mapping[str, Any], steps_per_epoch: int, model,
+                 data: Mapping[str, torch.Tensor], batch_size: int, seed: int, auto_quantile: float,
+                 audit_dir=None) -> tuple[dict, dict | None]:
+    """A ``dece`` run's section -> (section, the ``alpha_auto`` record or None).
+
+    A preset in the run spec replaces the experiment's ``defaults`` (explicit keys still win);
+    ``alpha_base`` "auto" is measured on ``model`` before the engine exists (``dece_ds.auto_alpha``);
+    with ``audit_dir`` the poison audit records per-row ``log p_t`` there (``audit_run``).
+    """
+    base = {} if "preset" in params else {"schedule": "epoch", **defaults}
+    dece = {"enabled": True, **base, **params, "steps_per_epoch": steps_per_epoch}
+    alpha_auto = None
+    if dece.get("alpha_base") == "auto":
+        dece, alpha_auto = resolve_auto_alpha(model, dece, data, batch_size, seed, auto_quantile)
+    if audit_dir is not None:
+        dece["audit"] = {"enabled": True, "out": str(audit_dir)}
+    return dece, alpha_auto
+
+
+def _current_alpha(model) -> float | None:
+    """The DeCE hook's alpha for the coming step (None without DeCE)."""
+    from ..integrations.transformers import current_dece_loss
+    hook = current_dece_loss(model)
+    if hook is None:
+        return None
+    # Before this epoch's first step the engine's global_steps points at this epoch already.
+    return hook.sync_schedule()

@@ -32,7 +32,6 @@ from .experiment import (
     ModelSpec,
     PretrainSpec,
     StageSpec,
-    _current_alpha,
     _fmt_rate,
     load_task,
     parse_run,
@@ -41,6 +40,7 @@ from .experiment import (
     write_outputs,
 )
 from .finetune import (
+    _current_alpha,
     _free_port,
     _scheduler,
     baseline_loss_hook,

@@ -14,9 +14,19 @@ from typing import NoReturn
 
 
 def destroy_process_group() -> None:
-    """Destroy the default process group if one is up (idempotent)."""
+    """Destroy the default process group if one is up (idempotent).
+
+    Through DeepSpeed when it set the group up: ``deepspeed.comm.destroy_process_group`` also drops the
+    groups DeepSpeed cached (data-parallel, world), which a later engine in the same process would
+    otherwise use after they were destroyed ("Group ... is not registered").
+    """
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
+    if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None and ds_comm.cdb.is_initialized():
+        ds_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
 
 

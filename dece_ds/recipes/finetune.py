@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch.distributed as dist
 
 from ..audit.recorder import ROW_IDS_KWARG
 from .checkpoint import RUN_KEY, RecipeError, resume, save_checkpoint
+from .cli import add_resume_and_testing_flags, run_command
 from .config_io import load_ds_config
 from .loop import train_steps
 from .model import TINY_MODELS, build_engine, build_tokenizer, export_safetensors
@@ -238,28 +238,14 @@ def parse_args(argv=None, prog: str | None = None, description: str | None = Non
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/train")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (0: at the end)")
-    p.add_argument("--resume", nargs="?", const="auto",
-                   help="resume from OUT/checkpoints (or this folder); checkpoints are unpickled: trusted files only")
-    p.add_argument("--allow-resume-mismatch", action="store_true",
-                   help="resume even if the checkpoint was made with another seed, data, batch layout or dece "
-                        "section (the run then trains on other batches than an uninterrupted one)")
     p.add_argument("--drop-rows", metavar="AUDIT.jsonl",
                    help="drop the rows a `dece-ds audit` file flagged (its 'flagged' rows; ids = row indices of --data)")
     p.add_argument("--no-export", action="store_true", help="skip the safetensors export")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    p.add_argument("--simulate-crash-after-step", type=int, help="testing: SIGKILL every rank after step N")
-    p.add_argument("--simulate-crash-during-save", type=int, help="testing: SIGKILL every rank in the middle of "
-                                                                 "the checkpoint save of step N")
-    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by launchers
+    add_resume_and_testing_flags(p, trains_on="batches")
     return p.parse_args(argv)
 
 
 def main(argv=None, prog: str | None = None, description: str | None = None) -> int:
     """Parse the flags and run; bad input prints one ``error:`` line. Returns the exit code (0 or 2)."""
-    args = parse_args(argv, prog, description)
-    try:
-        run(args)
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return run_command(run, parse_args(argv, prog, description))

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
+from ..parallel.shutdown import destroy_process_group
 from .checkpoint import RUN_KEY, RecipeError, resume, save_checkpoint
+from .cli import add_resume_and_testing_flags, run_command
 from .config_io import load_ds_config
 from .loop import train_steps
 from .model import TINY_MODELS, build_engine, build_tokenizer, export_safetensors
@@ -157,7 +158,7 @@ def run(args) -> dict[str, Any]:
     exported = None if args.no_export else export_safetensors(engine, tok, out)
     log0(f"done; log {out / 'log.jsonl'}" + (f"; model {exported}" if exported else ""))
     dist.barrier()
-    dist.destroy_process_group()
+    destroy_process_group()
     return summary
 
 
@@ -183,25 +184,11 @@ def parse_args(argv=None, prog: str | None = None, description: str | None = Non
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/continue_pretraining")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (0: at the end)")
-    p.add_argument("--resume", nargs="?", const="auto",
-                   help="resume from OUT/checkpoints (or this folder); checkpoints are unpickled: trusted files only")
-    p.add_argument("--allow-resume-mismatch", action="store_true",
-                   help="resume even if the checkpoint was made with another seed, data, batch layout or dece "
-                        "section (the run then trains on other tokens than an uninterrupted one)")
     p.add_argument("--no-export", action="store_true")
-    p.add_argument("--simulate-crash-after-step", type=int, help="testing: SIGKILL every rank after step N")
-    p.add_argument("--simulate-crash-during-save", type=int, help="testing: SIGKILL every rank in the middle of "
-                                                                 "the checkpoint save of step N")
-    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    add_resume_and_testing_flags(p, trains_on="tokens")
     return p.parse_args(argv)
 
 
 def main(argv=None, prog: str | None = None, description: str | None = None) -> int:
     """Parse the flags and run; bad input prints one ``error:`` line. Returns the exit code (0 or 2)."""
-    args = parse_args(argv, prog, description)
-    try:
-        run(args)
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return run_command(run, parse_args(argv, prog, description))
