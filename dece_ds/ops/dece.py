@@ -30,16 +30,15 @@ import os
 import torch
 
 from .checks import REDUCTIONS, check_float_tensor, check_loss_args, check_target  # noqa: F401 (re-export)
-from .collectives import (VocabShard, all_reduce_sum, debug_check_same_inputs, gather_shard_lse,
-                          group_size)
-from .shard_math import (DeceConstants, WorkBuffers, chunk_grad, chunk_terms, combine_logsumexp,
-                         compute_dtype, prob_scale, shard_exp_sum)
+from .collectives import VocabShard, debug_check_same_inputs, group_size
+from .chunk_driver import check_finite, one_visit, three_visits
+from .shard_math import DeceConstants, WorkBuffers, compute_dtype
 
 # fp32 elements per scratch buffer: big enough to amortise per-op dispatch, small enough for cache.
 _DEFAULT_CHUNK_ELEMENTS = 1 << 20
 
 
-def default_chunk_rows(n_rows: int, v_shard: int) -> int:
+def default_chunk_rows(n_rows: int, v_shard: int, dtype=None) -> int:
     env = os.environ.get("DECE_DS_CHUNK_ELEMENTS")
     elements = int(env) if env else _DEFAULT_CHUNK_ELEMENTS
     return max(1, min(n_rows, elements // max(v_shard, 1)))
@@ -75,93 +74,59 @@ def flat_targets(target: torch.Tensor, ignore_index: int, vocab_size: int) -> tu
 
 def _check_finite(log_norm: torch.Tensor, rows: slice | None = None) -> None:
     """``[c]`` per-token log-sum-exp (minus its finite shift) of the chunk starting at ``rows.start``."""
-    if not bool(torch.isfinite(log_norm).all()):
-        bad = (~torch.isfinite(log_norm)).nonzero()[:, 0]
-        offset = rows.start if rows is not None else 0
-        raise FloatingPointError(
-            f"logits: non-finite values (inf/nan) in {bad.numel()} token row(s), first at row "
-            f"{int(bad[0]) + offset} (found from the per-token log-sum-exp)")
+    check_finite(log_norm, rows.start if rows is not None else 0)
 
 
 class DeceFunction(torch.autograd.Function):
+    """The DeCE loss over (a shard of) the vocabulary; the gradient is finished in the forward.
+
+    Forward inputs (positional, as ``run_dece`` passes them):
+        logits      ``[N, V_shard]`` fp32 / bf16 / fp16 / fp64, contiguous: this rank's columns
+                    ``[shard.vocab_start_index, + V_shard)``; columns past ``shard.real_size`` are padding
+        target      ``[N]`` int64 global ids (``ignore_index`` rows already flagged in ``valid``)
+        valid       ``[N]`` bool, not ignored
+        k           ``DeceConstants``: alpha, label_smoothing, prob_floor, global V, z_loss, logit_softcap
+        shard       ``VocabShard``; group: the tp process group or None (a group of one)
+        reduction   "mean" | "sum" | "none"; num_items_in_batch: divisor of the sum, or None
+        chunk_rows  rows per chunk (None: ``chunk_budget.chunk_rows`` with the default budget)
+        log_p_out   optional ``[N]`` fp32, receives log p_t
+    Output: fp32 scalar (mean / sum) or ``[N]`` (none); fp64 for fp64 logits.
+    Saved for backward: one ``[N, V_shard]`` gradient buffer in the logits' dtype (nothing else).
+    Group of one: ``chunk_driver.one_visit`` per chunk; group of many: ``chunk_driver.three_visits``.
+    """
+
     @staticmethod
     def forward(ctx, logits, target, valid, k: DeceConstants, shard: VocabShard, group, reduction: str,
                 num_items_in_batch, chunk_rows: int | None, log_p_out: torch.Tensor | None = None):
         n_rows, v_shard = logits.shape
         v_real = shard.real_size
-        world = group_size(group)
         need_grad = ctx.needs_input_grad[0]
-        chunk_rows = chunk_rows or default_chunk_rows(n_rows, v_real)
+        chunk_rows = chunk_rows or default_chunk_rows(n_rows, v_real, logits.dtype)
         device, dtype = logits.device, compute_dtype(logits.dtype)
         row_scale, divisor = _row_scale(valid, reduction, num_items_in_batch, dtype)
-        row_coef = row_scale * k.alpha
+        row_coef = row_scale * k.alpha if need_grad else None
         target_local = target - shard.vocab_start_index
         work = WorkBuffers(min(chunk_rows, max(n_rows, 1)), v_real, device, dtype)
         grad = torch.zeros_like(logits) if need_grad and v_real < v_shard else (
             torch.empty_like(logits) if need_grad else None)
-        fp32_out = need_grad and logits.dtype == dtype and v_real == v_shard  # write in place
+        in_place = need_grad and logits.dtype == dtype and v_real == v_shard  # gradient written in place
         chunks = [slice(i, min(i + chunk_rows, n_rows)) for i in range(0, n_rows, chunk_rows)]
-        per_token = torch.empty(n_rows, dtype=dtype, device=device)
 
-        def grad_into(terms, rows, w_total):
-            out = grad[rows] if fp32_out else work.q(rows.stop - rows.start)  # q is free by now
-            chunk_grad(terms, w_total, row_coef[rows], k, out)
-            if not fp32_out:
-                grad[rows, :v_real].copy_(out)
-
-        if world == 1:
+        if group_size(group) == 1:
+            per_token = torch.empty(n_rows, dtype=dtype, device=device)
             for rows in chunks:
-                z = logits[rows, :v_real]
-                m, sum_exp = shard_exp_sum(z, work)        # work.p = exp(z - m)
-                log_norm = sum_exp.log()                   # lse = m + log_norm
-                _check_finite(log_norm, rows)
-                row_valid = valid[rows]
-                log_norm = torch.where(row_valid, log_norm, torch.full_like(log_norm, float("inf")))
-                p_scale = torch.where(row_valid, prob_scale(m, sum_exp, m, log_norm, True),
-                                      torch.zeros_like(sum_exp))
-                terms = chunk_terms(z, target_local[rows], m, log_norm, k, work, p_scale=p_scale)
-                per_token[rows] = terms.loss_part
+                res = one_visit(logits[rows, :v_real], target_local[rows], valid[rows], k, shard, None, work,
+                                None if row_coef is None else row_coef[rows], want_log_p=log_p_out is not None,
+                                grad_out=grad[rows] if in_place else None,
+                                row_offset=rows.start)
+                per_token[rows] = res.per_token
                 if log_p_out is not None:
-                    log_p_out[rows] = terms.log_p_t
-                if need_grad:
-                    grad_into(terms, rows, terms.w_part)
+                    log_p_out[rows] = res.log_p_t
+                if need_grad and not in_place:
+                    grad[rows, :v_real].copy_(res.grad)
         else:
-            # fp32 without padding: exp(z - m_local), then p, wait in the gradient buffer between the
-            # visits, so p costs one exp in all (else p is recomputed from the logits in visits 2 and 3)
-            keep_p = fp32_out
-            shard_sum = torch.empty(n_rows, dtype=dtype, device=device)
-            shard_max = torch.empty(n_rows, dtype=dtype, device=device)
-            for rows in chunks:
-                shard_max[rows], shard_sum[rows] = shard_exp_sum(logits[rows, :v_real], work,
-                                                                 out=grad[rows] if keep_p else None)
-            shift, log_norm = combine_logsumexp(*gather_shard_lse(shard_max, shard_sum.log(), shard,
-                                                                  group))            # collective 1
-            _check_finite(log_norm)
-            p_scale = torch.where(valid, prob_scale(shard_max, shard_sum, shift, log_norm, False),
-                                  torch.zeros_like(log_norm)) if keep_p else None
-            log_norm = torch.where(valid, log_norm, torch.full_like(log_norm, float("inf")))
-            # a third column carries log p_t from the target's owner rank (0 elsewhere) when the audit asks
-            # for it: the same all-reduce, no extra collective
-            partial = torch.empty(n_rows, 2 if log_p_out is None else 3, dtype=dtype, device=device)
-            for rows in chunks:
-                terms = chunk_terms(logits[rows, :v_real], target_local[rows], shift[rows], log_norm[rows], k,
-                                    work,
-                                    p_out=grad[rows] if keep_p else None,
-                                    p_scale=p_scale[rows] if keep_p else None)
-                partial[rows, 0] = terms.loss_part
-                partial[rows, 1] = terms.w_part
-                if log_p_out is not None:
-                    partial[rows, 2] = terms.log_p_t
-            all_reduce_sum(partial, group)                                              # collective 2
-            per_token = partial[:, 0].contiguous()
-            if log_p_out is not None:
-                log_p_out.copy_(partial[:, 2])
-            if need_grad:
-                for rows in chunks:
-                    terms = chunk_terms(logits[rows, :v_real], target_local[rows], shift[rows], log_norm[rows],
-                                        k, work, with_loss=False, p_out=grad[rows] if keep_p else None,
-                                        p_ready=keep_p)
-                    grad_into(terms, rows, partial[rows, 1])
+            per_token = three_visits(logits, chunks, target_local, valid, k, shard, group, work, row_coef, grad,
+                                     in_place, log_p_out)
 
         ctx.reduction = reduction
         if need_grad:

@@ -35,12 +35,12 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from .collectives import VocabShard, all_reduce_sum, gather_shard_lse, group_size
 from .checks import check_float_tensor, check_loss_args, check_target
-from .dece import (_check_finite, _row_scale, check_log_p_out, debug_check_same_inputs, debug_enabled, flat_targets,
+from .chunk_driver import one_visit
+from .collectives import VocabShard, group_size
+from .dece import (_row_scale, check_log_p_out, debug_check_same_inputs, debug_enabled, flat_targets,
                    refuse_double_backward, saved_gradients)
-from .shard_math import (DeceConstants, WorkBuffers, chunk_grad, chunk_terms, combine_logsumexp,
-                         compute_dtype, prob_scale, shard_exp_sum)
+from .shard_math import DeceConstants, WorkBuffers, compute_dtype
 from .vocab_parallel import resolve_shard
 
 # Rows per chunk: enough that the per-chunk GEMMs run near full speed and the [V, H] weight-gradient
@@ -75,36 +75,17 @@ def _fused_pass(hidden, weight, bias, target_local, valid, k: DeceConstants, sha
         rows = slice(start, min(start + chunk_rows, n_rows))
         h = hidden[rows]
         z = h @ w_real.T if b_real is None else torch.addmm(b_real, h, w_real.T)   # [c, v_real]
-        m, sum_exp = shard_exp_sum(z, work)                                          # work.p = exp(z - m)
-        shift, log_norm = m, sum_exp.log()                                           # lse = shift + log_norm
-        if world > 1:
-            shift, log_norm = combine_logsumexp(*gather_shard_lse(m, log_norm, shard, group))  # collective 1
-        _check_finite(log_norm, rows)
-        row_valid = valid[rows]
-        p_scale = torch.where(row_valid, prob_scale(m, sum_exp, shift, log_norm, world == 1),
-                              torch.zeros_like(log_norm))
-        log_norm = torch.where(row_valid, log_norm, torch.full_like(log_norm, float("inf")))
-        terms = chunk_terms(z, target_local[rows], shift, log_norm, k, work, with_loss=want_loss,
-                            p_scale=p_scale)
-        w_total = terms.w_part
-        record = log_p_out is not None and terms.log_p_t is not None
-        if world > 1:
-            cols = [terms.loss_part, terms.w_part] + ([terms.log_p_t] if record else [])  # audit: same call
-            partial = torch.stack(cols, dim=1)
-            all_reduce_sum(partial, group)                                          # collective 2
-            w_total = partial[:, 1]
-            if want_loss:
-                per_token[rows] = partial[:, 0]
-            if record:
-                log_p_out[rows] = partial[:, 2]
-        else:
-            if want_loss:
-                per_token[rows] = terms.loss_part
-            if record:
-                log_p_out[rows] = terms.log_p_t
+        res = one_visit(z, target_local[rows], valid[rows], k, shard, group if world > 1 else None, work,
+                        row_coef[rows] if want_grads else None, want_loss=want_loss,
+                        want_log_p=log_p_out is not None and want_loss, row_offset=start)
+        del z
+        if want_loss:
+            per_token[rows] = res.per_token
+        if res.log_p_t is not None:
+            log_p_out[rows] = res.log_p_t
         if not want_grads:
             continue
-        g = chunk_grad(terms, w_total, row_coef[rows], k, out=terms.p)  # [c, v_real] fp32, over p
+        g = res.grad                                                   # [c, v_real] compute dtype, over p
         grad_h[rows] += (g if g.dtype == hidden.dtype else g.to(hidden.dtype)) @ w_real
         grad_w[:v_real].addmm_(g.T, h if h.dtype == dtype else h.to(dtype))
         if grad_b is not None:
@@ -115,6 +96,22 @@ def _fused_pass(hidden, weight, bias, target_local, valid, k: DeceConstants, sha
 
 
 class FusedLinearDeceFunction(torch.autograd.Function):
+    """DeCE of ``hidden @ weight.T (+ bias)``, chunk by chunk (``chunk_driver.one_visit``), no ``[N, V]`` tensor.
+
+    Forward inputs (positional, as ``fused_linear_dece`` passes them):
+        hidden      ``[N, H]`` fp32 / bf16 / fp16 / fp64 (replicated over the tp group)
+        weight      ``[V_shard, H]`` hidden's dtype; bias ``[V_shard]`` or None
+        target      ``[N]`` int64 global ids; valid ``[N]`` bool, not ignored
+        k           ``DeceConstants`` (alpha, label_smoothing, prob_floor, global V, z_loss, logit_softcap)
+        shard       ``VocabShard``; group: tp process group or None
+        reduction   "mean" | "sum" | "none"; num_items_in_batch: divisor of the sum, or None
+        chunk_rows  rows per chunk (int); log_p_out: optional ``[N]`` fp32, receives log p_t
+    Output: fp32 scalar (mean / sum) or ``[N]`` (none).
+    Saved: mean / sum: the finished fp32 gradients ``grad_hidden`` ``[N, H]``, ``grad_weight`` ``[V_shard, H]``
+    (and ``grad_bias`` ``[V_shard]``), cast to the inputs' dtypes in backward; none: the inputs, and the
+    backward walks the chunks again with each row's upstream gradient.
+    """
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, valid, k, shard, group, reduction, num_items_in_batch,
                 chunk_rows, log_p_out=None):

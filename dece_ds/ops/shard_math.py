@@ -34,12 +34,15 @@ import torch
 
 @dataclass(frozen=True)
 class DeceConstants:
-    """Scalars of one loss call. ``vocab_size`` is the global (unpadded) vocabulary size."""
+    """Scalars of one loss call. ``vocab_size`` is the global (unpadded) vocabulary size; ``z_loss`` the
+    coefficient of ``lse^2`` per token (0: off); ``logit_softcap`` the cap of ``cap * tanh(z / cap)`` (None: off)."""
 
     alpha: float
     label_smoothing: float
     prob_floor: float
     vocab_size: int
+    z_loss: float = 0.0
+    logit_softcap: float | None = None
 
     @property
     def off_target(self) -> float:  # s
@@ -86,6 +89,13 @@ class WorkBuffers:
         self._q = None
         self._r = None
         self._mask = None
+        self._capped = None
+
+    def capped(self, c: int) -> torch.Tensor:
+        """The soft-capped logits of the chunk (only allocated when soft-capping is on)."""
+        if self._capped is None:
+            self._capped = torch.empty_like(self._p)
+        return self._capped[:c]
 
     def p(self, c: int) -> torch.Tensor:
         return self._p[:c]
