@@ -101,13 +101,14 @@ class Stages:
     @staticmethod
     def gradient(terms: ChunkTerms, w_total: torch.Tensor, row_coef: torch.Tensor, k: DeceConstants,
                  out: torch.Tensor, capped: torch.Tensor | None = None) -> torch.Tensor:
-        """``dloss/dz`` ``[c, V]`` into ``out``; with soft-capping times ``1 - (capped / cap)^2`` (``capped``
-        is overwritten)."""
-        g = chunk_grad(terms, w_total, row_coef, k, out)
-        if k.logit_softcap is not None:
-            one = torch.ones((), dtype=capped.dtype, device=capped.device)
-            g.mul_(torch.addcmul(one, capped, capped, value=-1.0 / k.logit_softcap ** 2, out=capped))
-        return g
+        """``dloss/dz`` ``[c, V]`` into ``out`` (any float dtype, rounded once); with soft-capping times
+        ``1 - (capped / cap)^2``, in the compute dtype first (``capped`` and ``terms.p`` are overwritten)."""
+        if k.logit_softcap is None:
+            return chunk_grad(terms, w_total, row_coef, k, out)
+        g = chunk_grad(terms, w_total, row_coef, k, terms.p)
+        one = torch.ones((), dtype=capped.dtype, device=capped.device)
+        g.mul_(torch.addcmul(one, capped, capped, value=-1.0 / k.logit_softcap ** 2, out=capped))
+        return g if out is g else out.copy_(g)
 
 
 @dataclass
@@ -123,7 +124,7 @@ def one_visit(z: torch.Tensor, target_local: torch.Tensor, valid: torch.Tensor, 
     """Every stage of one chunk ``z`` ``[c, V_shard]`` (any float dtype), collectives per chunk.
 
     ``row_coef`` ``[c]``: ``alpha * d total / d loss_i`` (0 on ignored rows); None: no gradient.
-    ``grad_out``: ``[c, V_shard]`` compute-dtype buffer for the gradient (default: over p in scratch).
+    ``grad_out``: ``[c, V_shard]`` buffer of any float dtype for the gradient (default: over p in scratch).
     """
     zc = Stages.logits(z, k, work)
     m, sum_exp = Stages.local_lse(zc, work)                                  # work.p = exp(z - m)
@@ -152,7 +153,7 @@ def three_visits(logits: torch.Tensor, chunks: list[slice], target_local: torch.
 
     ``logits`` ``[N, V_shard]``; ``grad`` ``[N, V_shard]`` (input dtype) receives the gradient when
     ``row_coef`` is given; ``grad_in_place``: it is compute-dtype and unpadded, so p waits in it between
-    the visits (one exp in all) and the gradient overwrites it.
+    the visits (one exp in all) and the gradient overwrites it (without soft-capping).
     """
     n_rows, v_real = logits.shape[0], shard.real_size
     dtype, device = work.dtype, logits.device
@@ -184,8 +185,6 @@ def three_visits(logits: torch.Tensor, chunks: list[slice], target_local: torch.
         zc = Stages.logits(logits[rows, :v_real], k, work)
         terms = Stages.partial_sums(zc, target_local[rows], shift[rows], masked[rows], k, work, with_loss=False,
                                     p_out=grad[rows] if keep_p else None, p_ready=keep_p)
-        out = grad[rows] if grad_in_place else work.q(rows.stop - rows.start)       # q is free by now
-        Stages.gradient(terms, w_total[rows], row_coef[rows], k, out, capped=zc if k.logit_softcap else None)
-        if not grad_in_place:
-            grad[rows, :v_real].copy_(out)
+        Stages.gradient(terms, w_total[rows], row_coef[rows], k, grad[rows, :v_real],
+                        capped=zc if k.logit_softcap else None)
     return per_token

@@ -29,19 +29,16 @@ import os
 
 import torch
 
-from .checks import REDUCTIONS, check_float_tensor, check_loss_args, check_target  # noqa: F401 (re-export)
-from .collectives import VocabShard, debug_check_same_inputs, group_size
+from .checks import (REDUCTIONS, check_float_tensor, check_logit_options, check_loss_args,  # noqa: F401 (re-export)
+                     check_target)
+from .chunk_budget import chunk_rows as chunk_rows_for
 from .chunk_driver import check_finite, one_visit, three_visits
+from .collectives import VocabShard, debug_check_same_inputs, group_size
 from .shard_math import DeceConstants, WorkBuffers, compute_dtype
 
-# fp32 elements per scratch buffer: big enough to amortise per-op dispatch, small enough for cache.
-_DEFAULT_CHUNK_ELEMENTS = 1 << 20
-
-
-def default_chunk_rows(n_rows: int, v_shard: int, dtype=None) -> int:
-    env = os.environ.get("DECE_DS_CHUNK_ELEMENTS")
-    elements = int(env) if env else _DEFAULT_CHUNK_ELEMENTS
-    return max(1, min(n_rows, elements // max(v_shard, 1)))
+def default_chunk_rows(n_rows: int, v_shard: int, dtype=torch.float32) -> int:
+    """Rows per chunk of the unfused loss with the default budget (``chunk_budget.chunk_rows``)."""
+    return chunk_rows_for(n_rows, v_shard, fused=False, dtype=dtype)
 
 
 def debug_enabled() -> bool:
@@ -117,13 +114,11 @@ class DeceFunction(torch.autograd.Function):
             for rows in chunks:
                 res = one_visit(logits[rows, :v_real], target_local[rows], valid[rows], k, shard, None, work,
                                 None if row_coef is None else row_coef[rows], want_log_p=log_p_out is not None,
-                                grad_out=grad[rows] if in_place else None,
+                                grad_out=grad[rows, :v_real] if need_grad else None,
                                 row_offset=rows.start)
                 per_token[rows] = res.per_token
                 if log_p_out is not None:
                     log_p_out[rows] = res.log_p_t
-                if need_grad and not in_place:
-                    grad[rows, :v_real].copy_(res.grad)
         else:
             per_token = three_visits(logits, chunks, target_local, valid, k, shard, group, work, row_coef, grad,
                                      in_place, log_p_out)
@@ -205,7 +200,8 @@ def scale_in_place(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str
 
 def run_dece(logits, target, *, alpha, label_smoothing, ignore_index, reduction, prob_floor,
              num_items_in_batch, shard: VocabShard, group, chunk_size=None, logits_name="logits",
-             log_p_out: torch.Tensor | None = None):
+             log_p_out: torch.Tensor | None = None, z_loss: float = 0.0, logit_softcap: float | None = None,
+             chunk_budget_bytes: int | None = None):
     """Shared entry of ``dece_loss`` and ``vocab_parallel_dece``: validates, flattens, runs the Function.
 
     ``log_p_out``: optional ``[N]`` fp32 buffer (N = target.numel()) that receives each token's ``log p_t``
@@ -215,6 +211,7 @@ def run_dece(logits, target, *, alpha, label_smoothing, ignore_index, reduction,
         raise ValueError(f"{logits_name}: expected [..., V], got a 0-dim tensor")
     check_target(target, tuple(logits.shape[:-1]), logits.device, logits_name)
     check_loss_args(alpha, label_smoothing, reduction, prob_floor, num_items_in_batch, chunk_size)
+    check_logit_options(z_loss, logit_softcap, chunk_budget_bytes)
     if shard.global_vocab_size < 1:
         raise ValueError(f"global_vocab_size: expected >= 1, got {shard.global_vocab_size}")
 
@@ -225,10 +222,19 @@ def run_dece(logits, target, *, alpha, label_smoothing, ignore_index, reduction,
         z = z.contiguous()
     if debug_enabled():
         debug_check_same_inputs(t, z.shape[0], shard, group)
-    k = DeceConstants(float(alpha), float(label_smoothing), float(prob_floor), shard.global_vocab_size)
+    k = make_constants(alpha, label_smoothing, prob_floor, shard.global_vocab_size, z_loss, logit_softcap)
     check_log_p_out(log_p_out, t.shape[0], z.device)
-    loss = DeceFunction.apply(z, t, valid, k, shard, group, reduction, num_items_in_batch, chunk_size, log_p_out)
+    rows = chunk_rows_for(z.shape[0], shard.real_size, fused=False, dtype=z.dtype, budget_bytes=chunk_budget_bytes,
+                          chunk_size=chunk_size, logit_softcap=logit_softcap is not None)
+    loss = DeceFunction.apply(z, t, valid, k, shard, group, reduction, num_items_in_batch, rows, log_p_out)
     return loss.reshape(out_shape) if reduction == "none" else loss
+
+
+def make_constants(alpha, label_smoothing, prob_floor, vocab_size: int, z_loss=0.0,
+                   logit_softcap=None) -> DeceConstants:
+    """The call's scalars as floats (checked before by ``check_loss_args`` / ``check_logit_options``)."""
+    return DeceConstants(float(alpha), float(label_smoothing), float(prob_floor), vocab_size, float(z_loss),
+                         None if logit_softcap is None else float(logit_softcap))
 
 
 def check_log_p_out(log_p_out: torch.Tensor | None, n_rows: int, device: torch.device) -> None:
@@ -245,7 +251,8 @@ def check_log_p_out(log_p_out: torch.Tensor | None, n_rows: int, device: torch.d
 def dece_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float, label_smoothing: float = 0.05,
               ignore_index: int = -100, reduction: str = "mean", prob_floor: float = 1e-7,
               num_items_in_batch=None, chunk_size: int | None = None,
-              log_p_out: torch.Tensor | None = None) -> torch.Tensor:
+              log_p_out: torch.Tensor | None = None, z_loss: float = 0.0, logit_softcap: float | None = None,
+              chunk_budget_bytes: int | None = None) -> torch.Tensor:
     """DeCE loss on full logits.
 
     Args:
@@ -261,6 +268,12 @@ def dece_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float, label
         chunk_size: tokens per chunk, a positive int (default: from ``V`` so a chunk's scratch stays small).
         log_p_out: optional ``[N]`` float32 buffer (``N = target.numel()``) filled with each token's
             ``log p_t`` (no floor; 0 on ignored tokens), a side output of the forward (the poison audit).
+        z_loss: coefficient >= 0 of ``lse^2`` added to each token's loss (PaLM's z-loss; 0 = off), averaged
+            like the loss; ``lse`` is the log-sum-exp of the (soft-capped) logits.
+        logit_softcap: None, or a cap > 0: the logits become ``cap * tanh(logits / cap)`` before everything
+            (Gemma-2's final soft-capping); the gradient flows through the tanh.
+        chunk_budget_bytes: bytes of ``[chunk, V]`` scratch that set the rows per chunk
+            (``dece_ds.ops.chunk_budget``; default 16 MiB); ``chunk_size`` wins when given.
 
     Returns: fp32 scalar, or ``[...]`` per-token losses for ``reduction="none"``.
 
@@ -273,4 +286,5 @@ def dece_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float, label
     shard = VocabShard(0, vocab_size, vocab_size)
     return run_dece(logits, target, alpha=alpha, label_smoothing=label_smoothing, ignore_index=ignore_index,
                     reduction=reduction, prob_floor=prob_floor, num_items_in_batch=num_items_in_batch,
-                    shard=shard, group=None, chunk_size=chunk_size, log_p_out=log_p_out)
+                    shard=shard, group=None, chunk_size=chunk_size, log_p_out=log_p_out, z_loss=z_loss,
+                    logit_softcap=logit_softcap, chunk_budget_bytes=chunk_budget_bytes)
