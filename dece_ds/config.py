@@ -82,6 +82,18 @@ class DeceConfig(BaseModel):
     reduction: Reduction = Field("mean", description="mean over non-ignored tokens, sum, or none.")
     chunk_size: int | None = Field(
         None, ge=1, description="Tokens per chunk of the fused loss; None picks one from the vocab size.")
+    chunk_budget_mib: float | None = Field(
+        None, gt=0.0, allow_inf_nan=False,
+        description="MiB of [chunk, V] scratch that set the tokens per chunk (dece_ds.ops.chunk_budget); None: 16 "
+                    "unfused, 128 fused (bounded independently of V). chunk_size wins when set.")
+    z_loss: float = Field(
+        0.0, ge=0.0, allow_inf_nan=False,
+        description="PaLM z-loss: z_loss * lse^2 per token added to the loss (lse = log-sum-exp of the logits), "
+                    "averaged like the loss. 0: off.")
+    logit_softcap: float | None = Field(
+        None, gt=0.0, allow_inf_nan=False,
+        description="Gemma-2 soft-capping: logits -> cap * tanh(logits / cap) before the loss. None: off. The fused "
+                    "hook takes a model's final_logit_softcapping by itself.")
     fused_linear: bool = Field(
         False, description="Compute the loss from hidden states and the lm_head weight, never the full logits.")
     ce_warmup_epochs: int = Field(

@@ -9,8 +9,16 @@ import torch
 from torch import nn
 
 from .config import DeceConfig
+from .ops.chunk_budget import budget_mib_to_bytes
 from .ops.vocab_parallel import vocab_parallel_dece
 from .schedule import AlphaSchedule
+
+
+def loss_options(cfg: DeceConfig, logit_softcap: float | None = None) -> dict[str, Any]:
+    """The section's chunking and logit options as the loss functionals' keywords (every path takes them);
+    ``logit_softcap``: a cap to use when the section sets none (a model's own soft-capping)."""
+    return {"chunk_size": cfg.chunk_size, "chunk_budget_bytes": budget_mib_to_bytes(cfg.chunk_budget_mib),
+            "z_loss": cfg.z_loss, "logit_softcap": cfg.logit_softcap if cfg.logit_softcap is not None else logit_softcap}
 
 
 class DeceLoss(nn.Module):
@@ -48,7 +56,7 @@ class DeceLoss(nn.Module):
             ignore_index=cfg.ignore_index, reduction=cfg.reduction, prob_floor=cfg.prob_floor,
             num_items_in_batch=num_items_in_batch, tp_group=self.tp_group,
             vocab_start_index=self.vocab_start_index, global_vocab_size=self.global_vocab_size,
-            chunk_size=cfg.chunk_size)
+            **loss_options(cfg))
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"schedule": self.schedule.state_dict(), "config": self.config.to_ds_section()}

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..config import DeceConfig, DeceConfigError
-from ..loss import DeceLoss
+from ..loss import DeceLoss, loss_options
 from ..ops.fused_linear import fused_linear_dece
 from ..ops.vocab_parallel import vocab_parallel_dece
 from ..parallel.vocab_shard import VocabParallelHead
@@ -45,7 +45,9 @@ from .loss_hook import (CausalLMLossHook, FunctionLossHook, announce, current_ho
 
 MODES = ("logits", "vocab_shard", "hidden")
 # Model-config keys that transform the logits after lm_head: the fused loss would skip them.
-UNFUSABLE_CONFIG_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# (A model's ``final_logit_softcapping`` is not among them: the hook passes its cap to the fused loss.)
+UNFUSABLE_CONFIG_KEYS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+SOFTCAP_CONFIG_KEY = "final_logit_softcapping"
 
 
 def make_recorder(config: DeceConfig, shard: VocabParallelHead | None):
@@ -141,6 +143,7 @@ class DeceHook(CausalLMLossHook):
         self.calls = 0
         self.active = False  # "hidden" mode: a labelled forward is running
         self.head: nn.Linear | None = None
+        self.model_softcap: float | None = None  # "hidden" mode: the model's final_logit_softcapping
         self._handles: list = []
         self._warned_vocab = False
         # the poison audit (dece_ds.audit): per-row log p_t of every labelled forward that names its rows
@@ -267,8 +270,8 @@ class DeceHook(CausalLMLossHook):
             label_smoothing=cfg.label_smoothing if label_smoothing is None else label_smoothing,
             ignore_index=cfg.ignore_index, reduction=reduction, prob_floor=cfg.prob_floor,
             num_items_in_batch=num_items_in_batch if reduction == "mean" else None, tp_group=tp_group,
-            vocab_start_index=vocab_start_index, global_vocab_size=global_vocab_size, chunk_size=cfg.chunk_size,
-            log_p_out=log_p_out)
+            vocab_start_index=vocab_start_index, global_vocab_size=global_vocab_size, log_p_out=log_p_out,
+            **loss_options(cfg))
 
     def loss_from_hidden(self, hidden: torch.Tensor, target: torch.Tensor, num_items_in_batch=None, *,
                          log_p_out: torch.Tensor | None = None) -> torch.Tensor:
@@ -283,8 +286,8 @@ class DeceHook(CausalLMLossHook):
             ignore_index=cfg.ignore_index, reduction=cfg.reduction, prob_floor=cfg.prob_floor,
             num_items_in_batch=self._num_items(num_items_in_batch), bias=getattr(self.head, "bias", None),
             tp_group=shard.tp_group if shard else None, vocab_start_index=shard.vocab_start_index if shard else None,
-            global_vocab_size=shard.global_vocab_size if shard else None, chunk_size=cfg.chunk_size,
-            log_p_out=log_p_out)
+            global_vocab_size=shard.global_vocab_size if shard else None, log_p_out=log_p_out,
+            **loss_options(cfg, self.model_softcap))
 
     # ---- "hidden" mode: a pass-through head while a labelled forward runs
     def _install_extras(self, model: nn.Module) -> None:
@@ -303,18 +306,31 @@ class DeceHook(CausalLMLossHook):
             if value not in (None, 0, 0.0, 1, 1.0):
                 raise ValueError(f"dece.fused_linear: config.{key}={value} transforms the logits after lm_head; "
                                  "the fused loss cannot reproduce that. Use the unfused DeCE (fused_linear: false).")
+        cap = getattr(getattr(model, "config", None), SOFTCAP_CONFIG_KEY, None)
+        cap = None if cap in (None, 0, 0.0) else float(cap)
+        if cap is not None and self.config.logit_softcap is not None and self.config.logit_softcap != cap:
+            raise ValueError(f"dece.logit_softcap: {self.config.logit_softcap}, but the model soft-caps its logits "
+                             f"at config.{SOFTCAP_CONFIG_KEY}={cap}; leave dece.logit_softcap unset (the fused loss "
+                             "takes the model's cap) or set it equal")
+        self.model_softcap = cap
         original_forward = head.forward
         hook = self
 
         def head_forward(hidden_states):
             return hidden_states if hook.active else original_forward(hidden_states)
 
+        model_config = getattr(model, "config", None)
+
         def pre_forward(module, args, kwargs):
             hook.active = kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None
+            if hook.active and cap is not None:  # the model would soft-cap the pass-through hidden states
+                setattr(model_config, SOFTCAP_CONFIG_KEY, None)
 
         def post_forward(module, args, kwargs, output):  # always_call: also when the forward raised
             if hook.active and output is not None and hasattr(output, "logits"):
                 output.logits = None  # the pass-through hidden states are not logits
+            if cap is not None:
+                setattr(model_config, SOFTCAP_CONFIG_KEY, cap)
             hook.active = False
             return output
 
@@ -335,6 +351,7 @@ class DeceHook(CausalLMLossHook):
         self._handles = []
         self.head.__dict__.pop("forward", None)
         self.active = False
+        self.model_softcap = None
         if self.model is not None:
             self.model.__dict__.pop("_dece_fused_linear", None)
         self.head = None

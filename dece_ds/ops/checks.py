@@ -5,6 +5,7 @@ inputs with the same messages. Each message names the argument and says what was
     check_float_tensor   logits / hidden / weight / bias: a floating-point tensor of a supported dtype
     check_target         target: int64 or int32 ids (float and bool refused), shape and device of the input
     check_loss_args      alpha, label_smoothing, reduction, prob_floor, num_items_in_batch, chunk_size
+    check_logit_options  z_loss, logit_softcap, chunk_budget_bytes
 """
 
 from __future__ import annotations
@@ -91,3 +92,27 @@ def check_loss_args(alpha, label_smoothing, reduction, prob_floor, num_items_in_
         raise ValueError(f"prob_floor: expected 0 <= prob_floor < 1, got {prob_floor}")
     check_num_items(num_items_in_batch, reduction)
     check_chunk_size(chunk_size)
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_logit_options(z_loss=0.0, logit_softcap=None, chunk_budget_bytes=None) -> None:
+    """``z_loss`` a finite float >= 0; ``logit_softcap`` None or a finite float > 0; ``chunk_budget_bytes``
+    None or a positive int (bytes of ``[chunk, V]`` scratch)."""
+    z = _real("z_loss", z_loss)
+    if not (math.isfinite(z) and z >= 0.0):
+        raise ValueError(f"z_loss: expected a finite coefficient >= 0, got {z_loss}")
+    if logit_softcap is not None:
+        cap = _real("logit_softcap", logit_softcap)
+        if not (math.isfinite(cap) and cap > 0.0):
+            raise ValueError(f"logit_softcap: expected None or a finite cap > 0, got {logit_softcap}")
+    if chunk_budget_bytes is not None:
+        if isinstance(chunk_budget_bytes, bool) or not isinstance(chunk_budget_bytes, numbers.Integral):
+            raise TypeError(f"chunk_budget_bytes: expected a positive int (bytes) or None, got "
+                            f"{type(chunk_budget_bytes).__name__} {chunk_budget_bytes!r}")
+        if chunk_budget_bytes < 1:
+            raise ValueError(f"chunk_budget_bytes: expected a positive int (bytes) or None, got {chunk_budget_bytes}")

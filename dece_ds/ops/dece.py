@@ -29,20 +29,16 @@ import os
 
 import torch
 
-from .checks import REDUCTIONS, check_float_tensor, check_loss_args, check_target  # noqa: F401 (re-export)
-from .collectives import (VocabShard, all_reduce_sum, debug_check_same_inputs, gather_shard_lse,
-                          group_size)
-from .shard_math import (DeceConstants, WorkBuffers, chunk_grad, chunk_terms, combine_logsumexp,
-                         compute_dtype, prob_scale, shard_exp_sum)
+from .checks import (REDUCTIONS, check_float_tensor, check_logit_options, check_loss_args,  # noqa: F401 (re-export)
+                     check_target)
+from .chunk_budget import chunk_rows as chunk_rows_for
+from .chunk_driver import check_finite, one_visit, three_visits
+from .collectives import VocabShard, debug_check_same_inputs, group_size
+from .shard_math import DeceConstants, WorkBuffers, compute_dtype
 
-# fp32 elements per scratch buffer: big enough to amortise per-op dispatch, small enough for cache.
-_DEFAULT_CHUNK_ELEMENTS = 1 << 20
-
-
-def default_chunk_rows(n_rows: int, v_shard: int) -> int:
-    env = os.environ.get("DECE_DS_CHUNK_ELEMENTS")
-    elements = int(env) if env else _DEFAULT_CHUNK_ELEMENTS
-    return max(1, min(n_rows, elements // max(v_shard, 1)))
+def default_chunk_rows(n_rows: int, v_shard: int, dtype=torch.float32) -> int:
+    """Rows per chunk of the unfused loss with the default budget (``chunk_budget.chunk_rows``)."""
+    return chunk_rows_for(n_rows, v_shard, fused=False, dtype=dtype)
 
 
 def debug_enabled() -> bool:
@@ -75,93 +71,57 @@ def flat_targets(target: torch.Tensor, ignore_index: int, vocab_size: int) -> tu
 
 def _check_finite(log_norm: torch.Tensor, rows: slice | None = None) -> None:
     """``[c]`` per-token log-sum-exp (minus its finite shift) of the chunk starting at ``rows.start``."""
-    if not bool(torch.isfinite(log_norm).all()):
-        bad = (~torch.isfinite(log_norm)).nonzero()[:, 0]
-        offset = rows.start if rows is not None else 0
-        raise FloatingPointError(
-            f"logits: non-finite values (inf/nan) in {bad.numel()} token row(s), first at row "
-            f"{int(bad[0]) + offset} (found from the per-token log-sum-exp)")
+    check_finite(log_norm, rows.start if rows is not None else 0)
 
 
 class DeceFunction(torch.autograd.Function):
+    """The DeCE loss over (a shard of) the vocabulary; the gradient is finished in the forward.
+
+    Forward inputs (positional, as ``run_dece`` passes them):
+        logits      ``[N, V_shard]`` fp32 / bf16 / fp16 / fp64, contiguous: this rank's columns
+                    ``[shard.vocab_start_index, + V_shard)``; columns past ``shard.real_size`` are padding
+        target      ``[N]`` int64 global ids (``ignore_index`` rows already flagged in ``valid``)
+        valid       ``[N]`` bool, not ignored
+        k           ``DeceConstants``: alpha, label_smoothing, prob_floor, global V, z_loss, logit_softcap
+        shard       ``VocabShard``; group: the tp process group or None (a group of one)
+        reduction   "mean" | "sum" | "none"; num_items_in_batch: divisor of the sum, or None
+        chunk_rows  rows per chunk (None: ``chunk_budget.chunk_rows`` with the default budget)
+        log_p_out   optional ``[N]`` fp32, receives log p_t
+    Output: fp32 scalar (mean / sum) or ``[N]`` (none); fp64 for fp64 logits.
+    Saved for backward: one ``[N, V_shard]`` gradient buffer in the logits' dtype (nothing else).
+    Group of one: ``chunk_driver.one_visit`` per chunk; group of many: ``chunk_driver.three_visits``.
+    """
+
     @staticmethod
     def forward(ctx, logits, target, valid, k: DeceConstants, shard: VocabShard, group, reduction: str,
                 num_items_in_batch, chunk_rows: int | None, log_p_out: torch.Tensor | None = None):
         n_rows, v_shard = logits.shape
         v_real = shard.real_size
-        world = group_size(group)
         need_grad = ctx.needs_input_grad[0]
-        chunk_rows = chunk_rows or default_chunk_rows(n_rows, v_real)
+        chunk_rows = chunk_rows or default_chunk_rows(n_rows, v_real, logits.dtype)
         device, dtype = logits.device, compute_dtype(logits.dtype)
         row_scale, divisor = _row_scale(valid, reduction, num_items_in_batch, dtype)
-        row_coef = row_scale * k.alpha
+        row_coef = row_scale * k.alpha if need_grad else None
         target_local = target - shard.vocab_start_index
         work = WorkBuffers(min(chunk_rows, max(n_rows, 1)), v_real, device, dtype)
         grad = torch.zeros_like(logits) if need_grad and v_real < v_shard else (
             torch.empty_like(logits) if need_grad else None)
-        fp32_out = need_grad and logits.dtype == dtype and v_real == v_shard  # write in place
+        in_place = need_grad and logits.dtype == dtype and v_real == v_shard  # gradient written in place
         chunks = [slice(i, min(i + chunk_rows, n_rows)) for i in range(0, n_rows, chunk_rows)]
-        per_token = torch.empty(n_rows, dtype=dtype, device=device)
 
-        def grad_into(terms, rows, w_total):
-            out = grad[rows] if fp32_out else work.q(rows.stop - rows.start)  # q is free by now
-            chunk_grad(terms, w_total, row_coef[rows], k, out)
-            if not fp32_out:
-                grad[rows, :v_real].copy_(out)
-
-        if world == 1:
+        if group_size(group) == 1:
+            per_token = torch.empty(n_rows, dtype=dtype, device=device)
             for rows in chunks:
-                z = logits[rows, :v_real]
-                m, sum_exp = shard_exp_sum(z, work)        # work.p = exp(z - m)
-                log_norm = sum_exp.log()                   # lse = m + log_norm
-                _check_finite(log_norm, rows)
-                row_valid = valid[rows]
-                log_norm = torch.where(row_valid, log_norm, torch.full_like(log_norm, float("inf")))
-                p_scale = torch.where(row_valid, prob_scale(m, sum_exp, m, log_norm, True),
-                                      torch.zeros_like(sum_exp))
-                terms = chunk_terms(z, target_local[rows], m, log_norm, k, work, p_scale=p_scale)
-                per_token[rows] = terms.loss_part
+                res = one_visit(logits[rows, :v_real], target_local[rows], valid[rows], k, shard, None, work,
+                                None if row_coef is None else row_coef[rows], want_log_p=log_p_out is not None,
+                                grad_out=grad[rows, :v_real] if need_grad else None,
+                                row_offset=rows.start)
+                per_token[rows] = res.per_token
                 if log_p_out is not None:
-                    log_p_out[rows] = terms.log_p_t
-                if need_grad:
-                    grad_into(terms, rows, terms.w_part)
+                    log_p_out[rows] = res.log_p_t
         else:
-            # fp32 without padding: exp(z - m_local), then p, wait in the gradient buffer between the
-            # visits, so p costs one exp in all (else p is recomputed from the logits in visits 2 and 3)
-            keep_p = fp32_out
-            shard_sum = torch.empty(n_rows, dtype=dtype, device=device)
-            shard_max = torch.empty(n_rows, dtype=dtype, device=device)
-            for rows in chunks:
-                shard_max[rows], shard_sum[rows] = shard_exp_sum(logits[rows, :v_real], work,
-                                                                 out=grad[rows] if keep_p else None)
-            shift, log_norm = combine_logsumexp(*gather_shard_lse(shard_max, shard_sum.log(), shard,
-                                                                  group))            # collective 1
-            _check_finite(log_norm)
-            p_scale = torch.where(valid, prob_scale(shard_max, shard_sum, shift, log_norm, False),
-                                  torch.zeros_like(log_norm)) if keep_p else None
-            log_norm = torch.where(valid, log_norm, torch.full_like(log_norm, float("inf")))
-            # a third column carries log p_t from the target's owner rank (0 elsewhere) when the audit asks
-            # for it: the same all-reduce, no extra collective
-            partial = torch.empty(n_rows, 2 if log_p_out is None else 3, dtype=dtype, device=device)
-            for rows in chunks:
-                terms = chunk_terms(logits[rows, :v_real], target_local[rows], shift[rows], log_norm[rows], k,
-                                    work,
-                                    p_out=grad[rows] if keep_p else None,
-                                    p_scale=p_scale[rows] if keep_p else None)
-                partial[rows, 0] = terms.loss_part
-                partial[rows, 1] = terms.w_part
-                if log_p_out is not None:
-                    partial[rows, 2] = terms.log_p_t
-            all_reduce_sum(partial, group)                                              # collective 2
-            per_token = partial[:, 0].contiguous()
-            if log_p_out is not None:
-                log_p_out.copy_(partial[:, 2])
-            if need_grad:
-                for rows in chunks:
-                    terms = chunk_terms(logits[rows, :v_real], target_local[rows], shift[rows], log_norm[rows],
-                                        k, work, with_loss=False, p_out=grad[rows] if keep_p else None,
-                                        p_ready=keep_p)
-                    grad_into(terms, rows, partial[rows, 1])
+            per_token = three_visits(logits, chunks, target_local, valid, k, shard, group, work, row_coef, grad,
+                                     in_place, log_p_out)
 
         ctx.reduction = reduction
         if need_grad:
@@ -240,7 +200,8 @@ def scale_in_place(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str
 
 def run_dece(logits, target, *, alpha, label_smoothing, ignore_index, reduction, prob_floor,
              num_items_in_batch, shard: VocabShard, group, chunk_size=None, logits_name="logits",
-             log_p_out: torch.Tensor | None = None):
+             log_p_out: torch.Tensor | None = None, z_loss: float = 0.0, logit_softcap: float | None = None,
+             chunk_budget_bytes: int | None = None):
     """Shared entry of ``dece_loss`` and ``vocab_parallel_dece``: validates, flattens, runs the Function.
 
     ``log_p_out``: optional ``[N]`` fp32 buffer (N = target.numel()) that receives each token's ``log p_t``
@@ -250,6 +211,7 @@ def run_dece(logits, target, *, alpha, label_smoothing, ignore_index, reduction,
         raise ValueError(f"{logits_name}: expected [..., V], got a 0-dim tensor")
     check_target(target, tuple(logits.shape[:-1]), logits.device, logits_name)
     check_loss_args(alpha, label_smoothing, reduction, prob_floor, num_items_in_batch, chunk_size)
+    check_logit_options(z_loss, logit_softcap, chunk_budget_bytes)
     if shard.global_vocab_size < 1:
         raise ValueError(f"global_vocab_size: expected >= 1, got {shard.global_vocab_size}")
 
@@ -260,10 +222,19 @@ def run_dece(logits, target, *, alpha, label_smoothing, ignore_index, reduction,
         z = z.contiguous()
     if debug_enabled():
         debug_check_same_inputs(t, z.shape[0], shard, group)
-    k = DeceConstants(float(alpha), float(label_smoothing), float(prob_floor), shard.global_vocab_size)
+    k = make_constants(alpha, label_smoothing, prob_floor, shard.global_vocab_size, z_loss, logit_softcap)
     check_log_p_out(log_p_out, t.shape[0], z.device)
-    loss = DeceFunction.apply(z, t, valid, k, shard, group, reduction, num_items_in_batch, chunk_size, log_p_out)
+    rows = chunk_rows_for(z.shape[0], shard.real_size, fused=False, dtype=z.dtype, budget_bytes=chunk_budget_bytes,
+                          chunk_size=chunk_size, logit_softcap=logit_softcap is not None)
+    loss = DeceFunction.apply(z, t, valid, k, shard, group, reduction, num_items_in_batch, rows, log_p_out)
     return loss.reshape(out_shape) if reduction == "none" else loss
+
+
+def make_constants(alpha, label_smoothing, prob_floor, vocab_size: int, z_loss=0.0,
+                   logit_softcap=None) -> DeceConstants:
+    """The call's scalars as floats (checked before by ``check_loss_args`` / ``check_logit_options``)."""
+    return DeceConstants(float(alpha), float(label_smoothing), float(prob_floor), vocab_size, float(z_loss),
+                         None if logit_softcap is None else float(logit_softcap))
 
 
 def check_log_p_out(log_p_out: torch.Tensor | None, n_rows: int, device: torch.device) -> None:
@@ -280,7 +251,8 @@ def check_log_p_out(log_p_out: torch.Tensor | None, n_rows: int, device: torch.d
 def dece_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float, label_smoothing: float = 0.05,
               ignore_index: int = -100, reduction: str = "mean", prob_floor: float = 1e-7,
               num_items_in_batch=None, chunk_size: int | None = None,
-              log_p_out: torch.Tensor | None = None) -> torch.Tensor:
+              log_p_out: torch.Tensor | None = None, z_loss: float = 0.0, logit_softcap: float | None = None,
+              chunk_budget_bytes: int | None = None) -> torch.Tensor:
     """DeCE loss on full logits.
 
     Args:
@@ -296,6 +268,12 @@ def dece_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float, label
         chunk_size: tokens per chunk, a positive int (default: from ``V`` so a chunk's scratch stays small).
         log_p_out: optional ``[N]`` float32 buffer (``N = target.numel()``) filled with each token's
             ``log p_t`` (no floor; 0 on ignored tokens), a side output of the forward (the poison audit).
+        z_loss: coefficient >= 0 of ``lse^2`` added to each token's loss (PaLM's z-loss; 0 = off), averaged
+            like the loss; ``lse`` is the log-sum-exp of the (soft-capped) logits.
+        logit_softcap: None, or a cap > 0: the logits become ``cap * tanh(logits / cap)`` before everything
+            (Gemma-2's final soft-capping); the gradient flows through the tanh.
+        chunk_budget_bytes: bytes of ``[chunk, V]`` scratch that set the rows per chunk
+            (``dece_ds.ops.chunk_budget``; default 16 MiB); ``chunk_size`` wins when given.
 
     Returns: fp32 scalar, or ``[...]`` per-token losses for ``reduction="none"``.
 
@@ -308,4 +286,5 @@ def dece_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float, label
     shard = VocabShard(0, vocab_size, vocab_size)
     return run_dece(logits, target, alpha=alpha, label_smoothing=label_smoothing, ignore_index=ignore_index,
                     reduction=reduction, prob_floor=prob_floor, num_items_in_batch=num_items_in_batch,
-                    shard=shard, group=None, chunk_size=chunk_size, log_p_out=log_p_out)
+                    shard=shard, group=None, chunk_size=chunk_size, log_p_out=log_p_out, z_loss=z_loss,
+                    logit_softcap=logit_softcap, chunk_budget_bytes=chunk_budget_bytes)

@@ -35,23 +35,19 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from .collectives import VocabShard, all_reduce_sum, gather_shard_lse, group_size
-from .checks import check_float_tensor, check_loss_args, check_target
-from .dece import (_check_finite, _row_scale, check_log_p_out, debug_check_same_inputs, debug_enabled, flat_targets,
+from .checks import check_float_tensor, check_logit_options, check_loss_args, check_target
+from .chunk_budget import chunk_rows as chunk_rows_for
+from .chunk_driver import one_visit
+from .collectives import VocabShard, group_size
+from .dece import (_row_scale, check_log_p_out, debug_check_same_inputs, debug_enabled, flat_targets, make_constants,
                    refuse_double_backward, saved_gradients)
-from .shard_math import (DeceConstants, WorkBuffers, chunk_grad, chunk_terms, combine_logsumexp,
-                         compute_dtype, prob_scale, shard_exp_sum)
+from .shard_math import DeceConstants, WorkBuffers, compute_dtype
 from .vocab_parallel import resolve_shard
 
-# Rows per chunk: enough that the per-chunk GEMMs run near full speed and the [V, H] weight-gradient
-# update (read+write of V x H fp32 per chunk) is amortised; scratch ~ 4 x rows x V fp32, which at
-# these sizes is of the order of the weight gradient itself.
-_MIN_CHUNK_ROWS = 256
-_CHUNK_ELEMENTS = 1 << 24
-
-
-def default_fused_chunk_rows(n_rows: int, v_shard: int, device: torch.device | None = None) -> int:
-    return max(1, min(n_rows, max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // max(v_shard, 1))))
+def default_fused_chunk_rows(n_rows: int, v_shard: int, device: torch.device | None = None,
+                             dtype=torch.float32) -> int:
+    """Rows per chunk of the fused loss with the default budget (``chunk_budget.chunk_rows``)."""
+    return chunk_rows_for(n_rows, v_shard, fused=True, dtype=dtype)
 
 
 def _fused_pass(hidden, weight, bias, target_local, valid, k: DeceConstants, shard: VocabShard, group,
@@ -75,36 +71,17 @@ def _fused_pass(hidden, weight, bias, target_local, valid, k: DeceConstants, sha
         rows = slice(start, min(start + chunk_rows, n_rows))
         h = hidden[rows]
         z = h @ w_real.T if b_real is None else torch.addmm(b_real, h, w_real.T)   # [c, v_real]
-        m, sum_exp = shard_exp_sum(z, work)                                          # work.p = exp(z - m)
-        shift, log_norm = m, sum_exp.log()                                           # lse = shift + log_norm
-        if world > 1:
-            shift, log_norm = combine_logsumexp(*gather_shard_lse(m, log_norm, shard, group))  # collective 1
-        _check_finite(log_norm, rows)
-        row_valid = valid[rows]
-        p_scale = torch.where(row_valid, prob_scale(m, sum_exp, shift, log_norm, world == 1),
-                              torch.zeros_like(log_norm))
-        log_norm = torch.where(row_valid, log_norm, torch.full_like(log_norm, float("inf")))
-        terms = chunk_terms(z, target_local[rows], shift, log_norm, k, work, with_loss=want_loss,
-                            p_scale=p_scale)
-        w_total = terms.w_part
-        record = log_p_out is not None and terms.log_p_t is not None
-        if world > 1:
-            cols = [terms.loss_part, terms.w_part] + ([terms.log_p_t] if record else [])  # audit: same call
-            partial = torch.stack(cols, dim=1)
-            all_reduce_sum(partial, group)                                          # collective 2
-            w_total = partial[:, 1]
-            if want_loss:
-                per_token[rows] = partial[:, 0]
-            if record:
-                log_p_out[rows] = partial[:, 2]
-        else:
-            if want_loss:
-                per_token[rows] = terms.loss_part
-            if record:
-                log_p_out[rows] = terms.log_p_t
+        res = one_visit(z, target_local[rows], valid[rows], k, shard, group if world > 1 else None, work,
+                        row_coef[rows] if want_grads else None, want_loss=want_loss,
+                        want_log_p=log_p_out is not None and want_loss, row_offset=start)
+        del z
+        if want_loss:
+            per_token[rows] = res.per_token
+        if res.log_p_t is not None:
+            log_p_out[rows] = res.log_p_t
         if not want_grads:
             continue
-        g = chunk_grad(terms, w_total, row_coef[rows], k, out=terms.p)  # [c, v_real] fp32, over p
+        g = res.grad                                                   # [c, v_real] compute dtype, over p
         grad_h[rows] += (g if g.dtype == hidden.dtype else g.to(hidden.dtype)) @ w_real
         grad_w[:v_real].addmm_(g.T, h if h.dtype == dtype else h.to(dtype))
         if grad_b is not None:
@@ -115,6 +92,22 @@ def _fused_pass(hidden, weight, bias, target_local, valid, k: DeceConstants, sha
 
 
 class FusedLinearDeceFunction(torch.autograd.Function):
+    """DeCE of ``hidden @ weight.T (+ bias)``, chunk by chunk (``chunk_driver.one_visit``), no ``[N, V]`` tensor.
+
+    Forward inputs (positional, as ``fused_linear_dece`` passes them):
+        hidden      ``[N, H]`` fp32 / bf16 / fp16 / fp64 (replicated over the tp group)
+        weight      ``[V_shard, H]`` hidden's dtype; bias ``[V_shard]`` or None
+        target      ``[N]`` int64 global ids; valid ``[N]`` bool, not ignored
+        k           ``DeceConstants`` (alpha, label_smoothing, prob_floor, global V, z_loss, logit_softcap)
+        shard       ``VocabShard``; group: tp process group or None
+        reduction   "mean" | "sum" | "none"; num_items_in_batch: divisor of the sum, or None
+        chunk_rows  rows per chunk (int); log_p_out: optional ``[N]`` fp32, receives log p_t
+    Output: fp32 scalar (mean / sum) or ``[N]`` (none).
+    Saved: mean / sum: the finished fp32 gradients ``grad_hidden`` ``[N, H]``, ``grad_weight`` ``[V_shard, H]``
+    (and ``grad_bias`` ``[V_shard]``), cast to the inputs' dtypes in backward; none: the inputs, and the
+    backward walks the chunks again with each row's upstream gradient.
+    """
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, valid, k, shard, group, reduction, num_items_in_batch,
                 chunk_rows, log_p_out=None):
@@ -199,7 +192,8 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
                       prob_floor: float = 1e-7, num_items_in_batch=None, bias: torch.Tensor | None = None,
                       tp_group=None, vocab_start_index: int | None = None,
                       global_vocab_size: int | None = None, chunk_size: int | None = None,
-                      log_p_out: torch.Tensor | None = None) -> torch.Tensor:
+                      log_p_out: torch.Tensor | None = None, z_loss: float = 0.0,
+                      logit_softcap: float | None = None, chunk_budget_bytes: int | None = None) -> torch.Tensor:
     """DeCE of ``hidden @ weight.T (+ bias)`` against ``target`` without materialising the logits.
 
     ``log_p_out`` (``[N]`` float32, optional) receives each token's ``log p_t`` (0 on ignored tokens) from
@@ -208,7 +202,9 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
     Args as ``dece_loss``/``vocab_parallel_dece`` (checked by the same ``checks.py``); ``hidden``
     ``[..., H]`` fp32 / bf16 / fp16 (fp64 for gradcheck), ``weight`` ``[V_shard, H]`` of hidden's dtype (this
     rank's shard with ``tp_group``), ``bias`` ``[V_shard]`` of weight's dtype, ``target`` ``[...]`` int64.
-    ``chunk_size``: tokens per chunk, a positive int. Returns as ``dece_loss``; backward rules as
+    ``chunk_size``: tokens per chunk, a positive int; else ``chunk_budget_bytes`` of ``[chunk, V_shard]`` scratch
+    set it (``dece_ds.ops.chunk_budget``, default 128 MiB, independent of V). ``z_loss`` and ``logit_softcap``
+    as ``dece_loss`` (the cap applies to ``hidden @ weight.T + bias``). Returns as ``dece_loss``; backward rules as
     ``dece_loss``'s.
     """
     check_float_tensor(hidden, "hidden")
@@ -232,6 +228,7 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
                 raise ValueError(f"{name}: on {t.device}, hidden on {hidden.device}")
         check_target(target, tuple(hidden.shape[:-1]), hidden.device, "hidden")
         check_loss_args(alpha, label_smoothing, reduction, prob_floor, num_items_in_batch, chunk_size)
+        check_logit_options(z_loss, logit_softcap, chunk_budget_bytes)
         shard = resolve_shard(weight.shape[0], tp_group, vocab_start_index, global_vocab_size)
         group = tp_group if shard.world_size > 1 else None
         out_shape = target.shape
@@ -239,8 +236,10 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
         h = hidden.reshape(-1, hidden.shape[-1])
         if debug_enabled():
             debug_check_same_inputs(t, h.shape[0], shard, group)
-        k = DeceConstants(float(alpha), float(label_smoothing), float(prob_floor), shard.global_vocab_size)
-        chunk_rows = chunk_size or default_fused_chunk_rows(h.shape[0], shard.real_size, h.device)
+        k = make_constants(alpha, label_smoothing, prob_floor, shard.global_vocab_size, z_loss, logit_softcap)
+        chunk_rows = chunk_rows_for(h.shape[0], shard.real_size, fused=True, dtype=h.dtype,
+                                    budget_bytes=chunk_budget_bytes, chunk_size=chunk_size,
+                                    logit_softcap=logit_softcap is not None)
         check_log_p_out(log_p_out, h.shape[0], h.device)
         loss = FusedLinearDeceFunction.apply(h, weight, bias, t, valid, k, shard, group, reduction,
                                              num_items_in_batch, chunk_rows, log_p_out)

@@ -34,12 +34,15 @@ import torch
 
 @dataclass(frozen=True)
 class DeceConstants:
-    """Scalars of one loss call. ``vocab_size`` is the global (unpadded) vocabulary size."""
+    """Scalars of one loss call. ``vocab_size`` is the global (unpadded) vocabulary size; ``z_loss`` the
+    coefficient of ``lse^2`` per token (0: off); ``logit_softcap`` the cap of ``cap * tanh(z / cap)`` (None: off)."""
 
     alpha: float
     label_smoothing: float
     prob_floor: float
     vocab_size: int
+    z_loss: float = 0.0
+    logit_softcap: float | None = None
 
     @property
     def off_target(self) -> float:  # s
@@ -86,6 +89,13 @@ class WorkBuffers:
         self._q = None
         self._r = None
         self._mask = None
+        self._capped = None
+
+    def capped(self, c: int) -> torch.Tensor:
+        """The soft-capped logits of the chunk (only allocated when soft-capping is on)."""
+        if self._capped is None:
+            self._capped = torch.empty_like(self._p)
+        return self._capped[:c]
 
     def p(self, c: int) -> torch.Tensor:
         return self._p[:c]
@@ -209,11 +219,16 @@ def chunk_terms(
             bulk_log = v_shard * (math.log(alpha) - log_norm) + z_shifted_sum
             log_q_hat_t = math.log(alpha) + log_p_t
     else:
-        q = torch.clamp_min(p, f, out=work.q(c)) if f > 0 else work.q(c).copy_(p)
-        q.mul_(alpha).add_(k.off_target_offset)
-        ratio = torch.div(p, q, out=work.r(c))
+        # q = alpha * max(p, f) + off = max(alpha * p + off, q_f): one fused pass and an in-place clamp
+        off = torch.full((), k.off_target_offset, dtype=p.dtype, device=p.device)
+        q = torch.add(off, p, alpha=alpha, out=work.q(c))
+        ratio = torch.div(p, q if f == 0 else q.clamp_min_(float(torch.add(off, f, alpha=alpha))), out=work.r(c))
         if f > 0:
-            ratio.masked_fill_(torch.lt(p, f, out=work.mask(c)), 0.0)
+            # the clamp's mask m = [p >= f] without a mask pass: p / q is increasing in p, so p >= f exactly
+            # where the ratio is >= its value at p = f (formed by the same fp ops); threshold_ zeroes the rest
+            f_t = torch.full((), f, dtype=p.dtype, device=p.device)
+            r_f = torch.div(f_t, torch.add(off, f_t, alpha=alpha))
+            torch.nn.functional.threshold_(ratio, float(torch.nextafter(r_f, torch.zeros_like(r_f))), 0.0)
         ratio_t = ratio.gather(1, col).squeeze(1)
         bulk_ratio = ratio.sum(-1)
         if with_loss:
@@ -253,13 +268,15 @@ def chunk_grad(
 ) -> torch.Tensor:
     """``dloss/dz`` of one chunk and shard: ``row_coef * (p * W - y * r * m)``, written into ``out``.
 
-    ``out`` may be ``terms.p`` itself (the gradient then overwrites p in place), not ``terms.ratio``.
+    ``terms.p`` is overwritten (it holds the partial result). ``out`` ``[c, V_shard]`` may be ``terms.p`` itself,
+    not ``terms.ratio``, and may have a lower dtype than p (bf16 / fp16 gradient): the result is rounded
+    into it once, so no separate fp32 -> bf16 copy pass is needed.
     """
     s = k.off_target
-    torch.mul(terms.p, (row_coef * w_total)[:, None], out=out)
-    if terms.ratio is not None:
-        out.addcmul_(terms.ratio, (-s * row_coef)[:, None])
-    elif s != 0.0:
-        out.sub_((s / k.alpha) * row_coef[:, None])
-    out.scatter_add_(1, terms.target_col, (row_coef * terms.target_fix)[:, None])
-    return out
+    tmp = terms.p.mul_((row_coef * w_total)[:, None])                   # p is not needed after this
+    tmp.scatter_add_(1, terms.target_col, (row_coef * terms.target_fix)[:, None])
+    if terms.ratio is not None:                                          # one pass, rounded once into out
+        return torch.addcmul(tmp, terms.ratio, (-s * row_coef)[:, None], out=out)
+    if s != 0.0:
+        return torch.sub(tmp, ((s / k.alpha) * row_coef)[:, None], out=out)
+    return tmp if out is tmp else out.copy_(tmp)

@@ -40,14 +40,13 @@ Logits and loss memory (``V_local = V / tp`` with the vocab-parallel head; logit
                 logits, log_softmax keeps its output, backward writes the gradient; two when the logits are
                 already fp32, as the upcast is then free)
     dece        the logits + one ``N x V_local`` gradient buffer in the logits dtype (written in the
-                forward) + fp32 ``[chunk, V_local]`` scratch (three buffers and a mask); ``chunk`` from
-                ``dece_ds.ops.dece.default_chunk_rows`` (2**20 elements per buffer)
-    fused       no ``N x V`` tensor: ``[chunk, V_local]`` scratch (five fp32 buffers: the chunk's logits,
-                p, q, r and its gradient, and a mask), the fp32 head-weight gradient ``V_local x h`` and the
-                fp32 ``grad_hidden`` ``N x h``; ``chunk`` from ``dece_ds.ops.fused_linear.
-                default_fused_chunk_rows`` (>= 256 rows, 2**24 elements per buffer: at V = 152k and
-                N >= 256 that is 5 x 256 x 152k x 4 B = 0.73 GiB of scratch, more than the unfused DeCE
-                at small N; pass a smaller ``chunk_size`` to trade speed for memory)
+                forward) + ``[chunk, V_local]`` scratch (three fp32 buffers)
+    fused       no ``N x V`` tensor: ``[chunk, V_local]`` scratch (three fp32 buffers, the chunk's logits and,
+                for bf16 / fp16, its gradient in the training dtype), the fp32 head-weight gradient
+                ``V_local x h`` and the fp32 ``grad_hidden`` ``N x h``
+    ``chunk`` and the scratch bytes per element come from ``dece_ds.ops.chunk_budget`` (the ops' own rule):
+    rows = budget // (V_local * bytes per element), default budget 16 MiB unfused and 128 MiB fused, so
+    the fused scratch stays near 128 MiB whatever V is (``chunk_budget_mib`` changes it)
 
 Loss collectives per micro-batch (bytes each rank contributes; zero at tp = 1)
     dece (ours, vocab-parallel): all-gather of (N + 2) fp32 (the per-token log-sum-exp and the shard's
@@ -221,24 +220,22 @@ def vocab_local(shape: ModelShape, tp: int) -> int:
     return math.ceil(shape.vocab_size / tp)
 
 
-def chunk_rows(n_tokens: int, v_local: int, fused: bool = False) -> int:
-    """Rows per chunk the ops use by default (the same functions, so the plan follows them)."""
-    if fused:
-        from ..ops.fused_linear import default_fused_chunk_rows
-        return default_fused_chunk_rows(n_tokens, v_local)
-    from ..ops.dece import default_chunk_rows
-    return default_chunk_rows(n_tokens, v_local)
+def chunk_rows(n_tokens: int, v_local: int, fused: bool = False, dtype: str = "fp32") -> int:
+    """Rows per chunk the ops use by default (``dece_ds.ops.chunk_budget.chunk_rows``: the ops' own rule)."""
+    from ..ops.chunk_budget import chunk_rows as rule
+    return rule(n_tokens, v_local, fused=fused, dtype=dtype)
 
 
 def loss_memory(shape: ModelShape, inp: PlanInput) -> dict[str, int]:
+    from ..ops.chunk_budget import scratch_bytes_per_element
     N, V, b, h = inp.tokens, vocab_local(shape, inp.tp), DTYPE_BYTES[inp.dtype], shape.hidden_size
-    c, cf = chunk_rows(N, V), chunk_rows(N, V, fused=True)
+    c, cf = chunk_rows(N, V, dtype=inp.dtype), chunk_rows(N, V, fused=True, dtype=inp.dtype)
     logits = N * V * b
     ce_buffers = 3 if b < 4 else 2
     return {
         "ce": logits + ce_buffers * 4 * N * V,
-        "dece": logits + N * V * b + (3 * 4 + 1) * c * V,
-        "fused": (5 * 4 + 1) * cf * V + 4 * V * h + 4 * N * h,
+        "dece": logits + N * V * b + scratch_bytes_per_element(fused=False, dtype=inp.dtype) * c * V,
+        "fused": scratch_bytes_per_element(fused=True, dtype=inp.dtype) * cf * V + 4 * V * h + 4 * N * h,
     }
 
 
@@ -246,7 +243,7 @@ def loss_collectives(shape: ModelShape, inp: PlanInput) -> dict[str, dict[str, i
     if inp.tp == 1:
         return {k: {"all_gather": 0, "all_reduce": 0, "calls": 0} for k in LOSSES}
     N, b, h = inp.tokens, DTYPE_BYTES[inp.dtype], shape.hidden_size
-    chunks = math.ceil(N / chunk_rows(N, vocab_local(shape, inp.tp), fused=True))
+    chunks = math.ceil(N / chunk_rows(N, vocab_local(shape, inp.tp), fused=True, dtype=inp.dtype))
     return {
         "ce": {"all_gather": 0, "all_reduce": 3 * 4 * N, "calls": 3},
         "dece": {"all_gather": 4 * (N + 2), "all_reduce": 4 * 2 * N, "calls": 2},

@@ -90,8 +90,37 @@ def test_schedule_drives_alpha():
     handle.revert()
 
 
-def test_logit_softcapping_is_refused():
+def test_model_softcap_is_passed_to_the_fused_loss():
+    """Gemma-2 soft-caps its logits (final_logit_softcapping): the fused loss takes the cap and equals the float64
+    formula on the model's own (capped) logits; a different dece.logit_softcap is refused."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=8, vocab_size=V, final_logit_softcapping=0.5)
+    model = transformers.Gemma2ForCausalLM(cfg).float().eval()
+    ids, labels = _batch()
+    logits = model(ids).logits
+    assert logits.abs().max() <= 0.5  # the model's logits are capped
+    target = torch.cat([labels[:, 1:], torch.full((3, 1), -100)], dim=1)
+    ref = dece64(logits.double().reshape(-1, V), target.reshape(-1), alpha=0.9, eps=0.05, floor=1e-7)
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    handle = apply_fused_linear_dece(model, DeceConfig(alpha_base=0.9))
+    out = model(ids, labels=labels)
+    torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        if name in ref_grads:
+            torch.testing.assert_close(p.grad.double(), ref_grads[name].double(), rtol=1e-4, atol=1e-6)
+    assert model.config.final_logit_softcapping == 0.5  # switched off only during the labelled forward
+    torch.testing.assert_close(model(ids).logits, logits)  # generation: the model's own capped logits
+    handle.revert()
+    with pytest.raises(ValueError, match="logit_softcap"):
+        apply_fused_linear_dece(model, DeceConfig(logit_softcap=30.0))
+
+
+def test_logit_scaling_is_refused():
     model = _tiny("llama")
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
+    model.config.logit_scale = 2.0
+    with pytest.raises(ValueError, match="logit_scale"):
         apply_fused_linear_dece(model, DeceConfig())

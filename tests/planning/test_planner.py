@@ -146,10 +146,10 @@ def test_loss_memory_by_hand():
     N, V, h = 4096, 32016, 4096
     mem = loss_memory(shape, PlanInput(world_size=8, seq_len=N))
     assert mem["ce"] == N * V * 2 + 3 * 4 * N * V          # bf16 logits + 3 fp32 N x V
-    c = 2**20 // V                                          # 32 rows of DeCE scratch
-    assert mem["dece"] == 2 * N * V * 2 + 13 * c * V        # logits + bf16 gradient buffer + scratch
-    cf = 2**24 // V                                         # 524 rows of fused scratch
-    assert mem["fused"] == 21 * cf * V + 4 * V * h + 4 * N * h
+    c = 16 * 2**20 // (12 * V)                              # 43 rows: 16 MiB of p, q, r (fp32)
+    assert mem["dece"] == 2 * N * V * 2 + 12 * c * V        # logits + bf16 gradient buffer + scratch
+    cf = 128 * 2**20 // (16 * V)                            # 262 rows: 128 MiB of p, q, r + bf16 z and dz
+    assert mem["fused"] == 16 * cf * V + 4 * V * h + 4 * N * h
     mem2 = loss_memory(shape, PlanInput(world_size=8, tp=2, seq_len=N))
     assert mem2["ce"] == N * (V // 2) * 2 + 3 * 4 * N * (V // 2)  # TP divides V
     fp32 = loss_memory(shape, PlanInput(world_size=1, seq_len=N, dtype="fp32"))

@@ -1,0 +1,190 @@
+"""The chunk pipeline shared by every loss path, as named stages and two drivers.
+
+Every path (``dece_loss``, ``vocab_parallel_dece``, ``fused_linear_dece``) walks the tokens in chunks
+of ``c`` rows and, per chunk ``z`` ``[c, V_shard]`` (this rank's real vocabulary columns), runs
+
+    Stages.logits         optional soft-cap: z -> cap * tanh(z / cap)        (fp32 scratch)
+    Stages.local_lse      row max m and sum exp(z - m); leaves exp(z - m) in scratch
+    Stages.global_lse     (shift, log_norm) with lse = shift + log_norm     collective 1 (all-gather)
+    Stages.mask_ignored   ignored rows: p = 0 (log_norm = +inf), no loss, no gradient
+    Stages.partial_sums   per-shard -sum y log q and W = sum y r m (``shard_math.chunk_terms``)
+    Stages.reduce         sum of the stacked partial sums over the shards     collective 2 (all-reduce)
+    Stages.z_loss         + z_loss * lse^2 per token, and its gradient 2 z_loss lse p (folded into W)
+    Stages.gradient       dloss/dz (``shard_math.chunk_grad``), times the soft-cap's 1 - tanh^2
+
+The drivers put the stages in order:
+    ``one_visit``     all stages for one chunk while it is hot in cache; the collectives (if any) run per
+                      chunk. Used by the single-device loss and by the fused-linear loss at any TP size.
+    ``three_visits``  the unfused vocab-parallel loss: visit 1 (local lse) over all chunks, collective 1,
+                      visit 2 (partial sums), collective 2, visit 3 (gradient): two collectives per call.
+
+A new option goes into a stage once and every path has it. Shapes: ``[c]`` per-row tensors are fp32
+(fp64 for fp64 inputs); ``valid`` ``[c]`` bool; ``target_local`` ``[c]`` int64 (global id minus the
+shard's ``vocab_start_index``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .collectives import VocabShard, all_reduce_sum, gather_shard_lse
+from .shard_math import (ChunkTerms, DeceConstants, WorkBuffers, chunk_grad, chunk_terms, combine_logsumexp,
+                         prob_scale, shard_exp_sum)
+
+
+def check_finite(log_norm: torch.Tensor, row_offset: int = 0) -> None:
+    """``[c]`` per-token log-sum-exp (minus its finite shift); FloatingPointError naming the first bad row."""
+    if not bool(torch.isfinite(log_norm).all()):
+        bad = (~torch.isfinite(log_norm)).nonzero()[:, 0]
+        raise FloatingPointError(
+            f"logits: non-finite values (inf/nan) in {bad.numel()} token row(s), first at row "
+            f"{int(bad[0]) + row_offset} (found from the per-token log-sum-exp)")
+
+
+class Stages:
+    """The named stages (static: no state, so each path calls exactly the same code)."""
+
+    @staticmethod
+    def logits(z: torch.Tensor, k: DeceConstants, work: WorkBuffers) -> torch.Tensor:
+        """``[c, V]`` logits -> ``cap * tanh(z / cap)`` in ``work.capped`` (compute dtype), or ``z`` itself."""
+        if k.logit_softcap is None:
+            return z
+        out = work.capped(z.shape[0])
+        torch.div(z, k.logit_softcap, out=out).tanh_().mul_(k.logit_softcap)
+        return out
+
+    @staticmethod
+    def local_lse(z: torch.Tensor, work: WorkBuffers, out: torch.Tensor | None = None):
+        """-> row max ``m`` ``[c]`` and ``sum exp(z - m)`` ``[c]``; ``exp(z - m)`` left in ``out``/``work.p``."""
+        return shard_exp_sum(z, work, out=out)
+
+    @staticmethod
+    def global_lse(m: torch.Tensor, sum_exp: torch.Tensor, shard: VocabShard, group):
+        """Collective 1 (none for a group of one): -> global ``(shift, log_norm)`` ``[c]``."""
+        if group is None:
+            return m, sum_exp.log()
+        return combine_logsumexp(*gather_shard_lse(m, sum_exp.log(), shard, group))
+
+    @staticmethod
+    def mask_ignored(valid: torch.Tensor, m: torch.Tensor, sum_exp: torch.Tensor, shift: torch.Tensor,
+                     log_norm: torch.Tensor, local_is_global: bool):
+        """-> ``p_scale`` ``[c]`` (turns ``exp(z - m)`` into p; 0 on ignored rows) and ``log_norm`` with
+        ``+inf`` on ignored rows (p = 0 there, so they add no loss and no gradient)."""
+        p_scale = torch.where(valid, prob_scale(m, sum_exp, shift, log_norm, local_is_global),
+                              torch.zeros_like(log_norm))
+        return p_scale, torch.where(valid, log_norm, torch.full_like(log_norm, float("inf")))
+
+    @staticmethod
+    def partial_sums(z, target_local, shift, log_norm, k: DeceConstants, work: WorkBuffers, **kw) -> ChunkTerms:
+        """This shard's ``-sum y log q`` and ``W`` per row, and what the gradient needs (``chunk_terms``)."""
+        return chunk_terms(z, target_local, shift, log_norm, k, work, **kw)
+
+    @staticmethod
+    def reduce(columns: list[torch.Tensor], group) -> torch.Tensor:
+        """Collective 2: ``[c, len(columns)]`` stacked per-row partial sums, summed over the group."""
+        return all_reduce_sum(torch.stack(columns, dim=1), group)
+
+    @staticmethod
+    def z_loss(per_token: torch.Tensor | None, w_total: torch.Tensor, shift: torch.Tensor, log_norm: torch.Tensor,
+               valid: torch.Tensor, k: DeceConstants):
+        """``z_loss * lse^2`` added to each valid row's loss; its gradient ``2 z_loss lse p`` folded into W
+        (the gradient's p term is ``alpha * W * p``). ``log_norm``: before ``mask_ignored``. -> (per_token, W)."""
+        if k.z_loss == 0.0:
+            return per_token, w_total
+        lse = torch.where(valid, shift + log_norm, torch.zeros_like(log_norm))
+        if per_token is not None:
+            per_token = per_token + k.z_loss * lse * lse
+        return per_token, w_total + (2.0 * k.z_loss / k.alpha) * lse
+
+    @staticmethod
+    def gradient(terms: ChunkTerms, w_total: torch.Tensor, row_coef: torch.Tensor, k: DeceConstants,
+                 out: torch.Tensor, capped: torch.Tensor | None = None) -> torch.Tensor:
+        """``dloss/dz`` ``[c, V]`` into ``out`` (any float dtype, rounded once); with soft-capping times
+        ``1 - (capped / cap)^2``, in the compute dtype first (``capped`` and ``terms.p`` are overwritten)."""
+        if k.logit_softcap is None:
+            return chunk_grad(terms, w_total, row_coef, k, out)
+        g = chunk_grad(terms, w_total, row_coef, k, terms.p)
+        one = torch.ones((), dtype=capped.dtype, device=capped.device)
+        g.mul_(torch.addcmul(one, capped, capped, value=-1.0 / k.logit_softcap ** 2, out=capped))
+        return g if out is g else out.copy_(g)
+
+
+@dataclass
+class ChunkResult:
+    per_token: torch.Tensor | None  # [c] loss (reduced over shards), None when not asked
+    log_p_t: torch.Tensor | None    # [c] log p_t (reduced over shards), None when not asked
+    grad: torch.Tensor | None       # [c, V_shard] dloss/dz (compute dtype), None when not asked
+
+
+def one_visit(z: torch.Tensor, target_local: torch.Tensor, valid: torch.Tensor, k: DeceConstants, shard: VocabShard,
+              group, work: WorkBuffers, row_coef: torch.Tensor | None, *, want_loss: bool = True,
+              want_log_p: bool = False, grad_out: torch.Tensor | None = None, row_offset: int = 0) -> ChunkResult:
+    """Every stage of one chunk ``z`` ``[c, V_shard]`` (any float dtype), collectives per chunk.
+
+    ``row_coef`` ``[c]``: ``alpha * d total / d loss_i`` (0 on ignored rows); None: no gradient.
+    ``grad_out``: ``[c, V_shard]`` buffer of any float dtype for the gradient (default: over p in scratch).
+    """
+    zc = Stages.logits(z, k, work)
+    m, sum_exp = Stages.local_lse(zc, work)                                  # work.p = exp(z - m)
+    shift, log_norm = Stages.global_lse(m, sum_exp, shard, group)
+    check_finite(log_norm, row_offset)
+    p_scale, masked = Stages.mask_ignored(valid, m, sum_exp, shift, log_norm, group is None)
+    terms = Stages.partial_sums(zc, target_local, shift, masked, k, work, with_loss=want_loss, p_scale=p_scale)
+    per_token, w_total, log_p = terms.loss_part, terms.w_part, terms.log_p_t
+    if group is not None:
+        cols = [terms.loss_part, terms.w_part] + ([terms.log_p_t] if want_log_p and want_loss else [])
+        partial = Stages.reduce(cols, group)
+        per_token, w_total = partial[:, 0], partial[:, 1]
+        log_p = partial[:, 2] if len(cols) == 3 else None
+    per_token, w_total = Stages.z_loss(per_token if want_loss else None, w_total, shift, log_norm, valid, k)
+    grad = None
+    if row_coef is not None:
+        out = terms.p if grad_out is None else grad_out
+        grad = Stages.gradient(terms, w_total, row_coef, k, out, capped=zc if k.logit_softcap else None)
+    return ChunkResult(per_token, log_p if want_log_p else None, grad)
+
+
+def three_visits(logits: torch.Tensor, chunks: list[slice], target_local: torch.Tensor, valid: torch.Tensor,
+                 k: DeceConstants, shard: VocabShard, group, work: WorkBuffers, row_coef: torch.Tensor | None,
+                 grad: torch.Tensor | None, grad_in_place: bool, log_p_out: torch.Tensor | None) -> torch.Tensor:
+    """The unfused vocab-parallel loss over all chunks with two collectives in all -> per-token loss ``[N]``.
+
+    ``logits`` ``[N, V_shard]``; ``grad`` ``[N, V_shard]`` (input dtype) receives the gradient when
+    ``row_coef`` is given; ``grad_in_place``: it is compute-dtype and unpadded, so p waits in it between
+    the visits (one exp in all) and the gradient overwrites it (without soft-capping).
+    """
+    n_rows, v_real = logits.shape[0], shard.real_size
+    dtype, device = work.dtype, logits.device
+    keep_p = grad_in_place and k.logit_softcap is None  # p waits in the gradient buffer between visits
+    shard_sum = torch.empty(n_rows, dtype=dtype, device=device)
+    shard_max = torch.empty(n_rows, dtype=dtype, device=device)
+    for rows in chunks:                                                            # visit 1
+        zc = Stages.logits(logits[rows, :v_real], k, work)
+        shard_max[rows], shard_sum[rows] = Stages.local_lse(zc, work, out=grad[rows] if keep_p else None)
+    shift, log_norm = Stages.global_lse(shard_max, shard_sum, shard, group)       # collective 1
+    check_finite(log_norm)
+    p_scale, masked = Stages.mask_ignored(valid, shard_max, shard_sum, shift, log_norm, False)
+    cols = []
+    for rows in chunks:                                                            # visit 2
+        zc = Stages.logits(logits[rows, :v_real], k, work)
+        terms = Stages.partial_sums(zc, target_local[rows], shift[rows], masked[rows], k, work,
+                                    p_out=grad[rows] if keep_p else None,
+                                    p_scale=p_scale[rows] if keep_p else None)
+        cols.append([terms.loss_part, terms.w_part] + ([terms.log_p_t] if log_p_out is not None else []))
+    # a third column carries log p_t from the target's owner rank (0 elsewhere) when the audit asks for it:
+    # the same all-reduce, no extra collective
+    partial = Stages.reduce([torch.cat(c) for c in zip(*cols)], group)            # collective 2
+    per_token, w_total = Stages.z_loss(partial[:, 0], partial[:, 1], shift, log_norm, valid, k)
+    if log_p_out is not None:
+        log_p_out.copy_(partial[:, 2])
+    if row_coef is None:
+        return per_token
+    for rows in chunks:                                                            # visit 3
+        zc = Stages.logits(logits[rows, :v_real], k, work)
+        terms = Stages.partial_sums(zc, target_local[rows], shift[rows], masked[rows], k, work, with_loss=False,
+                                    p_out=grad[rows] if keep_p else None, p_ready=keep_p)
+        Stages.gradient(terms, w_total[rows], row_coef[rows], k, grad[rows, :v_real],
+                        capped=zc if k.logit_softcap else None)
+    return per_token

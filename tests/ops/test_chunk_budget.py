@@ -1,0 +1,92 @@
+"""Rows per chunk from a byte budget (dece_ds.ops.chunk_budget): the rule by hand, the planner uses it, and the
+loss does not depend on the budget (every path, bitwise-equal across budgets is not required: float64 oracle)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dece_ds import dece_loss, fused_linear_dece
+from dece_ds.ops.chunk_budget import DEFAULT_BUDGET_BYTES, chunk_rows, scratch_bytes_per_element
+from dece_ds.planning import estimate
+from dece_ds.planning.estimate import PlanInput, loss_memory
+from dece_ds.planning.shapes import BUILTIN_SHAPES
+
+MIB = 2**20
+
+
+def test_bytes_per_element_by_hand():
+    assert scratch_bytes_per_element(fused=False, dtype=torch.float32) == 12        # p, q, r
+    assert scratch_bytes_per_element(fused=False, dtype=torch.bfloat16) == 12
+    assert scratch_bytes_per_element(fused=False, dtype=torch.float32, logit_softcap=True) == 16
+    assert scratch_bytes_per_element(fused=True, dtype=torch.float32) == 16         # + fp32 logits
+    assert scratch_bytes_per_element(fused=True, dtype="bf16") == 16                 # + bf16 logits, bf16 dz
+    assert scratch_bytes_per_element(fused=False, dtype=torch.float64) == 24
+
+
+@pytest.mark.parametrize("v,dtype,fused,budget,expect", [
+    (151936, torch.float32, True, None, 128 * MIB // (16 * 151936)),   # 55 rows
+    (151936, torch.bfloat16, True, None, 55),
+    (32000, torch.float32, True, None, 262),
+    (32000, torch.float32, False, None, 16 * MIB // (12 * 32000)),     # 43 rows
+    (151936, torch.float32, False, None, 9),
+    (151936, torch.float32, True, 1, 1),                                # never below one row
+    (1000, torch.float32, False, 10**12, 4096),                         # never above N
+])
+def test_rows_by_hand(v, dtype, fused, budget, expect):
+    assert chunk_rows(4096, v, fused=fused, dtype=dtype, budget_bytes=budget) == expect
+
+
+def test_fused_scratch_is_bounded_independently_of_v():
+    for v in (32000, 151936, 256000, 1_000_000):
+        rows = chunk_rows(10**6, v, fused=True)
+        assert rows * v * scratch_bytes_per_element(fused=True) <= DEFAULT_BUDGET_BYTES["fused"]
+
+
+def test_chunk_size_wins():
+    assert chunk_rows(4096, 151936, fused=True, budget_bytes=MIB, chunk_size=300) == 300
+    assert chunk_rows(10, 151936, fused=True, chunk_size=300) == 10
+
+
+def test_planner_uses_the_same_rule():
+    shape = BUILTIN_SHAPES["qwen2.5-coder-7b"]
+    n = 4096
+    assert estimate.chunk_rows(n, shape.vocab_size, fused=True, dtype="bf16") == \
+        chunk_rows(n, shape.vocab_size, fused=True, dtype=torch.bfloat16)
+    mem = loss_memory(shape, PlanInput(world_size=1, seq_len=n, dtype="fp32"))
+    rows = chunk_rows(n, shape.vocab_size, fused=True, dtype=torch.float32)
+    h = shape.hidden_size
+    assert mem["fused"] == 16 * rows * shape.vocab_size + 4 * shape.vocab_size * h + 4 * n * h
+
+
+def test_budget_arg_is_checked():
+    z, t = torch.randn(4, 7), torch.tensor([1, 2, 3, 4])
+    with pytest.raises(ValueError, match="chunk_budget_bytes"):
+        dece_loss(z, t, alpha=0.9, chunk_budget_bytes=0)
+    with pytest.raises(TypeError, match="chunk_budget_bytes"):
+        dece_loss(z, t, alpha=0.9, chunk_budget_bytes=1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_results_do_not_depend_on_the_budget(dtype):
+    """Budgets giving 1, 3 and all rows per chunk: the same loss and gradients (per-row math, so equal)."""
+    g = torch.Generator().manual_seed(3)
+    n, hid, v = 29, 16, 211
+    z = (torch.randn(n, v, generator=g) * 2).to(dtype)
+    h = torch.randn(n, hid, generator=g).to(dtype)
+    w = (torch.randn(v, hid, generator=g) * 0.3).to(dtype)
+    t = torch.randint(0, v, (n,), generator=g)
+    t[::6] = -100
+    outs = []
+    for rows in (1, 3, n):
+        x = z.clone().requires_grad_()
+        loss = dece_loss(x, t, alpha=0.9, z_loss=1e-3, chunk_budget_bytes=rows * v * 12)
+        loss.backward()
+        hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
+        fl = fused_linear_dece(hl, wl, t, alpha=0.9, z_loss=1e-3,
+                               chunk_budget_bytes=rows * v * scratch_bytes_per_element(fused=True, dtype=dtype))
+        fl.backward()
+        outs.append((loss, x.grad, fl, hl.grad, wl.grad))
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
