@@ -19,10 +19,14 @@ allocator's peak). Ratios are against torch's chunked path; the goal for ``fused
 exceeds ``--max-mem-gib`` is skipped and marked in the table (lm_head+F.cross_entropy at N=8192,
 V=151936 in fp32 holds ~5 GB of logits and several more of softmax and gradients).
 
-Run time of the full grid, estimated on a 2-core Xeon with AMX (the GEMMs dominate, so time scales with
-N*H*V from one measured small cell; see the docs page for the figure and how it was taken): about 4 to 6
-hours at ``--threads 2 --repeats 2`` on a quiet machine; ``--dtype float32`` or ``--dtype bfloat16`` alone
-about half of it. Run it on a quiet machine.
+Run time of the full grid (estimated, not measured): about 1.5 to 3 hours at ``--threads 2 --repeats 2``
+on a quiet 2-core Xeon (AMX), 2 to 4.5 hours at one thread. Basis: the cell N=4096, H=1024, V=32000
+(both dtypes, ``--repeats 1 --threads 1``: 2 runs per method) took 201 s of CPU time (523 s wall at load
+average 7-10); the GEMMs dominate, so each cell scales with N*H*V (the grid is 51.7 such cells per method
+and dtype, 23.2 for the fp32 lm_head+F.cross_entropy, whose two N=8192, V=151936 cells are skipped),
+times 3/2 for warm-up + 2 repeats, over ~1.7 for two threads. The low end takes the 1-thread speed of
+the quiet ``bench_fused_linear.py --quick`` run (docs/benchmarks.md), about twice the speed that CPU
+time on the loaded machine suggests. ``--dtype float32`` is ~55 % of the total, ``bfloat16`` ~45 %.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -135,6 +140,8 @@ def main(argv=None) -> int:
     out = args.out or REPO / "benchmarks" / "results" / ("vs_torch_quick.json" if args.quick else "vs_torch.json")
     ensure_mmap_threshold()
     torch.set_num_threads(args.threads)
+    # Time torch's chunked path, never its silent-but-for-a-warning fallback: the fallback becomes an error row.
+    warnings.filterwarnings("error", message=r"linear_cross_entropy: ``options`` ignored")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not has_torch_chunked():
         print(f"torch {torch.__version__} has no F.linear_cross_entropy with LinearCrossEntropyOptions: "
