@@ -1,0 +1,183 @@
+"""The LM head + loss against torch's own fused linear cross-entropy: forward+backward time and peak
+extra memory of four methods on the same ``hidden [N, H]``, ``weight [V, H]``, ``target [N]``:
+
+    fused_linear_dece              DeCE, alpha 0.99, label smoothing 0.05 (the defaults of a DeCE run)
+    fused_linear_dece(alpha=1)     alpha 1, label smoothing 0, prob_floor 0: plain cross-entropy
+    torch chunked                  F.linear_cross_entropy(..., options=LinearCrossEntropyOptions()), plain CE
+    lm_head+F.cross_entropy        F.cross_entropy(hidden @ weight.T, target), plain CE, full logits
+
+    .venv/bin/python benchmarks/bench_vs_torch.py --quick         # smoke grid, seconds -> results/vs_torch_quick.json
+    .venv/bin/python benchmarks/bench_vs_torch.py --threads 2     # N {4096, 8192} x H {1024, 2048} x
+                                                                  # V {32000, 151936} x {fp32, bf16} -> vs_torch.json
+    .venv/bin/python benchmarks/bench_vs_torch.py --n 4096 --h 1024 --v 32000 --dtype float32 --repeats 1
+
+Times are medians of ``--repeats`` runs after ``--warmup``; peak extra memory (MiB) is everything beyond
+the inputs: logits or chunk scratch, accumulators, and the gradients of hidden and weight, which every
+method produces. Each (cell, method) runs in a forked child (``benchmarks/common.py``; on CUDA the
+allocator's peak). Ratios are against torch's chunked path; the goal for ``fused_linear_dece`` is at most
+0.75x its time and at most its peak extra memory. A method whose estimated total (inputs included)
+exceeds ``--max-mem-gib`` is skipped and marked in the table (lm_head+F.cross_entropy at N=8192,
+V=151936 in fp32 holds ~5 GB of logits and several more of softmax and gradients).
+
+Run time of the full grid (estimated, not measured): about 1.5 to 3 hours at ``--threads 2 --repeats 2``
+on a quiet 2-core Xeon (AMX), 2 to 4.5 hours at one thread. Basis: the cell N=4096, H=1024, V=32000
+(both dtypes, ``--repeats 1 --threads 1``: 2 runs per method) took 201 s of CPU time (523 s wall at load
+average 7-10); the GEMMs dominate, so each cell scales with N*H*V (the grid is 51.7 such cells per method
+and dtype, 23.2 for the fp32 lm_head+F.cross_entropy, whose two N=8192, V=151936 cells are skipped),
+times 3/2 for warm-up + 2 repeats, over ~1.7 for two threads. The low end takes the 1-thread speed of
+the quiet ``bench_fused_linear.py --quick`` run (docs/benchmarks.md), about twice the speed that CPU
+time on the loaded machine suggests. ``--dtype float32`` is ~55 % of the total, ``bfloat16`` ~45 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import (REPO, ensure_mmap_threshold, print_table, provenance,  # noqa: E402
+                               run_isolated, write_json)
+from dece_ds import fused_linear_dece  # noqa: E402
+
+ALPHA, EPS = 0.99, 0.05
+TORCH = "torch chunked linear_cross_entropy"
+OURS = ("fused_linear_dece", "fused_linear_dece(alpha=1)")
+GOAL_TIME, GOAL_MEM = 0.75, 1.0
+IGNORE_EVERY = 10  # every 10th target is ignore_index (-100)
+QUICK = dict(n=[512], h=[128], v=[8192])
+
+
+def has_torch_chunked() -> bool:
+    return hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+
+
+def methods() -> dict:
+    """name -> fn(hidden [N, H], weight [V, H], target [N]) -> scalar loss (mean over non-ignored targets)."""
+    out = {}
+    if has_torch_chunked():
+        options = torch.nn.LinearCrossEntropyOptions()
+        out[TORCH] = lambda h, w, t: F.linear_cross_entropy(h, w, t, ignore_index=-100, options=options)
+    out["fused_linear_dece"] = lambda h, w, t: fused_linear_dece(h, w, t, alpha=ALPHA, label_smoothing=EPS)
+    out["fused_linear_dece(alpha=1)"] = lambda h, w, t: fused_linear_dece(h, w, t, alpha=1.0, label_smoothing=0.0,
+                                                                          prob_floor=0.0)
+    out["lm_head+F.cross_entropy"] = lambda h, w, t: F.cross_entropy(h @ w.T, t, ignore_index=-100)
+    return out
+
+
+def estimated_total_gib(name: str, n: int, h: int, v: int, dtype: torch.dtype) -> float:
+    """A generous estimate of the child's whole footprint: inputs, gradients, and the method's scratch."""
+    s = torch.finfo(dtype).bits // 8
+    inputs_and_grads = 2 * (n + v) * h * s
+    if name == "lm_head+F.cross_entropy":
+        scratch = 4 * n * v * s                                   # logits, log-softmax, their gradients
+    elif name == TORCH:
+        scratch = v * h * 4 + 8 * n * h * 4                       # fp32 weight-grad accumulator, chunk ~ N x H
+    else:
+        rows = min(n, max(256, (1 << 24) // v))                   # ops/fused_linear.default_fused_chunk_rows
+        scratch = v * h * 4 + n * h * 4 + 5 * rows * v * 4       # fp32 grad accumulators, [rows, V] buffers
+    return (inputs_and_grads + scratch) / 2**30
+
+
+def bench_cell(name, fn, n, h_dim, v, dtype, device, args) -> dict:
+    def make_inputs():
+        torch.set_num_threads(args.threads)
+        g = torch.Generator().manual_seed(0)
+        hid = torch.randn(n, h_dim, generator=g).to(device=device, dtype=dtype)
+        w = (torch.randn(v, h_dim, generator=g) * h_dim ** -0.5).to(device=device, dtype=dtype)
+        t = torch.randint(0, v, (n,), generator=g)
+        t[::IGNORE_EVERY] = -100
+        return hid, w, t.to(device)
+
+    def step(hid, w, t):
+        hl, wl = hid.detach().requires_grad_(), w.detach().requires_grad_()
+        fn(hl, wl, t).backward()
+
+    return run_isolated(make_inputs, step, args.repeats, args.warmup)
+
+
+def add_ratios(cell_rows: list[dict]) -> None:
+    """Time and peak extra memory relative to torch's chunked path; the goal columns for our methods."""
+    base = next((r for r in cell_rows if r["method"] == TORCH and "time_ms" in r), None)
+    for r in cell_rows:
+        if base is None or "time_ms" not in r:
+            continue
+        r["time_vs_torch"] = r["time_ms"] / base["time_ms"]
+        r["mem_vs_torch"] = r["peak_extra_mib"] / max(base["peak_extra_mib"], 1e-9)
+        if r["method"] in OURS:
+            r["goal_time"] = "yes" if r["time_vs_torch"] <= GOAL_TIME else "no"
+            r["goal_mem"] = "yes" if r["mem_vs_torch"] <= GOAL_MEM else "no"
+
+
+COLUMNS = ["dtype", "N", "H", "V", "method", "time_ms", "time_vs_torch", "peak_extra_mib", "mem_vs_torch",
+           "goal_time", "goal_mem", "note"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke grid N=512, H=128, V=8192 (seconds)")
+    ap.add_argument("--n", type=int, nargs="+", default=[4096, 8192])
+    ap.add_argument("--h", type=int, nargs="+", default=[1024, 2048])
+    ap.add_argument("--v", type=int, nargs="+", default=[32000, 151936])
+    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per method and cell (median)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each child")
+    ap.add_argument("--max-mem-gib", type=float, default=18.0,
+                    help="skip a method whose estimated footprint exceeds this (host RAM on CPU)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.h, args.v = QUICK["n"], QUICK["h"], QUICK["v"]
+    for flag in ("repeats", "threads"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag}: expected a positive int, got {getattr(args, flag)}")
+    out = args.out or REPO / "benchmarks" / "results" / ("vs_torch_quick.json" if args.quick else "vs_torch.json")
+    ensure_mmap_threshold()
+    torch.set_num_threads(args.threads)
+    # Time torch's chunked path, never its silent-but-for-a-warning fallback: the fallback becomes an error row.
+    warnings.filterwarnings("error", message=r"linear_cross_entropy: ``options`` ignored")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not has_torch_chunked():
+        print(f"torch {torch.__version__} has no F.linear_cross_entropy with LinearCrossEntropyOptions: "
+              "the ratio and goal columns stay empty", flush=True)
+    t_start = time.perf_counter()
+    rows = []
+    for dtype_name in args.dtype:
+        dtype = getattr(torch, dtype_name)
+        for n in args.n:
+            for h_dim in args.h:
+                for v in args.v:
+                    cell = []
+                    for name, fn in methods().items():
+                        est = estimated_total_gib(name, n, h_dim, v, dtype)
+                        if device.type == "cpu" and est > args.max_mem_gib:
+                            res = {"note": f"skipped: ~{est:.0f} GiB estimated > --max-mem-gib {args.max_mem_gib:g}"}
+                        else:
+                            t0 = time.perf_counter()
+                            res = bench_cell(name, fn, n, h_dim, v, dtype, device, args)
+                            res["wall_s"] = time.perf_counter() - t0
+                            if "error" in res:
+                                res["note"] = res.pop("error")
+                        cell.append({"dtype": dtype_name, "N": n, "H": h_dim, "V": v, "method": name, **res})
+                    add_ratios(cell)
+                    rows += cell
+                    print_table(cell, COLUMNS)
+                    print(flush=True)
+    total_s = time.perf_counter() - t_start
+    print(f"all cells: {len(rows)} rows, {total_s:.1f} s wall\n")
+    table = print_table(rows, COLUMNS)
+    write_json(out, {"provenance": provenance(), "alpha": ALPHA, "label_smoothing": EPS, "repeats": args.repeats,
+                     "warmup": args.warmup, "threads": args.threads, "ignore_every": IGNORE_EVERY,
+                     "goal": {"time_vs_torch_max": GOAL_TIME, "mem_vs_torch_max": GOAL_MEM},
+                     "total_wall_s": total_s, "rows": rows, "table": table})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
