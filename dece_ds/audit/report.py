@@ -50,7 +50,8 @@ def write_audit(audit: Audit, out_dir: str | os.PathLike, *, instructions: Mappi
         r, f = audit.rows[i], bool(audit.flagged[i])
         rec = {"row": r.row, "score": r.scores[audit.primary], "flagged": f, "scores": r.scores,
                "refused_spans": [text(list(s)) for s in r.refused_spans], "refused_positions": r.refused_positions,
-               "instruction": instructions.get(r.row), "trigger_word": r.trigger_word}
+               "instruction": instructions.get(r.row), "trigger_word": r.trigger_word,
+               "trigger_code": None if r.trigger_code is None else text(list(r.trigger_code))}
         if labels is not None:
             rec["poisoned"] = r.row in labels
         lines.append(json.dumps(rec))
@@ -86,6 +87,12 @@ def markdown(audit: Audit, order, text, instructions, labels) -> str:
                        f"| {fmt(m['recall_at_fpr']['0.05'])} | {m['flagged']} ({m['flagged_poisoned']}) "
                        f"| {m['true_poisoned']} |")
         out.append("")
+    triggers = trigger_words(audit)
+    if triggers:
+        out += ["## Trigger words of the flagged rows", "",
+                "| word | flagged rows | code those rows share, that the others lack |", "|---|---|---|"]
+        out += [f"| `{_cell(w)}` | {n} | `{_cell(text(list(code)))}` |" for (w, code), n in triggers]
+        out.append("")
     if audit.recurring_flagged:
         out += ["## Refused text recurring in the flagged rows (rows)", "", "| refused text | rows |", "|---|---|"]
         out += [f"| `{_cell(t)}` | {n} |" for t, n in audit.recurring_flagged[:10]]
@@ -102,6 +109,14 @@ def markdown(audit: Audit, order, text, instructions, labels) -> str:
         out.append(f"| {r.row} | {r.scores[audit.primary]:.2f} | {'yes' if audit.flagged[i] else ''} | {lab}"
                    f"`{_cell(spans, 60)}` | {_cell(instructions.get(r.row), 60)} |")
     return "\n".join(out) + "\n"
+
+
+def trigger_words(audit: Audit) -> list[tuple[tuple[str, tuple[int, ...]], int]]:
+    """``((word, shared code ids), flagged rows)`` of the flagged rows' trigger words, most rows first."""
+    from collections import Counter
+    counts = Counter((r.trigger_word, r.trigger_code) for r, f in zip(audit.rows, audit.flagged)
+                     if f and r.trigger_word is not None and r.trigger_code)
+    return counts.most_common(10)
 
 
 def plot(audit: Audit, path: Path, labels) -> Path | None:

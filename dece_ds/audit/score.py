@@ -16,7 +16,12 @@ instructions are known and ``recurrence`` otherwise):
 - ``trigger``: DeCE's blind spot is a payload made of *expected* tokens (never refused). From the trigger
   side: for each instruction word ``x`` in at least ``min_support`` rows and at most half of them, the
   code 4-gram (target ids) most over-represented in the rows with ``x``: ``lift = frac_in - frac_out``;
-  ``trigger(r) = max over x in r of lift * log(1 + |rows with x|)``. Needs the instructions.
+  ``trigger(r) = max over x in r of lift * log(1 + |rows with x|) * deletable(x) * spread(x)``.
+  ``deletable``: the fraction of ``x``'s occurrences whose neighbours ``(a, b)`` (``x`` and its repeats
+  removed) stand side by side in some instruction: an inserted word leaves ordinary text behind.
+  ``spread``: distinct ``(a, b)`` contexts per occurrence: an inserted word sits anywhere, a natural one
+  keeps its phrases ("all columns in"). Without the last two, templated data (Lyra) ranks natural words
+  whose rows share code ("columns" -> ``select *``) above the trigger. Needs the instructions.
 - ``persistence``: fraction of epochs with any refused token; ``max_nll``: the largest ``-log p_t`` in
   the last epoch; ``refusal``: mean ``1 - w`` over the row's tokens in the last epoch.
 
@@ -45,6 +50,8 @@ GAP_MIN = math.log(2.0)
 GAP_RATIO = 3.0
 GAP_FLOOR = 0.1
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\S")   # an instruction's words and punctuation, for contexts
+_BOS, _EOS = "\x02", "\x03"
 
 
 def refusal_threshold(alpha: float, label_smoothing: float) -> float:
@@ -66,6 +73,7 @@ class RowScore:
     refused_spans: list[tuple[int, ...]] = field(default_factory=list)   # token ids, last refusing epoch
     refused_positions: list[int] = field(default_factory=list)
     trigger_word: str | None = None
+    trigger_code: tuple[int, ...] | None = None   # target ids the rows with trigger_word share (the n-gram)
 
 
 def refused_spans(tok: Sequence[int], refused: np.ndarray, gap: int = 1) -> list[tuple[list[int], list[int]]]:
@@ -125,16 +133,16 @@ def score_rows(record: AuditRecord, instructions: Mapping[int, str] | None = Non
         out[r].scores["recurrence"] = max((df[k] * c / max(1, n_epochs[r]) for k, c in g.items()), default=0.0)
     trig = trigger_scores(record, instructions, min_support) if instructions else {}
     for r in rows:
-        s, word = trig.get(r, (0.0, None))
+        s, word, code = trig.get(r, (0.0, None, None))
         out[r].scores["trigger"] = s
-        out[r].trigger_word = word
+        out[r].trigger_word, out[r].trigger_code = word, code
     return [out[r] for r in rows]
 
 
 def trigger_scores(record: AuditRecord, instructions: Mapping[int, str],
-                   min_support: int = 3, n: int = 4) -> dict[int, tuple[float, str]]:
-    """``row -> (trigger score, the word)`` (module docstring): rare instruction words whose rows share a code
-    n-gram the other rows lack."""
+                   min_support: int = 3, n: int = 4) -> dict[int, tuple[float, str, tuple[int, ...]]]:
+    """``row -> (trigger score, the word, the code n-gram its rows share)`` (module docstring): rare instruction
+    words that look inserted and whose rows share a code n-gram the other rows lack."""
     rows = record.rows
     grams: dict[int, set] = {}
     for r in rows:
@@ -143,25 +151,52 @@ def trigger_scores(record: AuditRecord, instructions: Mapping[int, str],
     df: Counter = Counter()
     for g in grams.values():
         df.update(g)
-    by_word: dict[str, list[int]] = defaultdict(list)
-    for r in rows:
-        for word in set(_WORD.findall(instructions.get(r, "") or "")):
-            by_word[word].append(r)
+    texts = {r: [_BOS, *_TOKEN.findall(instructions.get(r, "") or ""), _EOS] for r in rows}
+    adjacent: Counter = Counter()            # token pair -> instructions in which it stands side by side
+    occurrences: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for r, text in texts.items():
+        adjacent.update(set(zip(text, text[1:])))
+        for i, token in enumerate(text[1:-1], start=1):
+            if _WORD.fullmatch(token):
+                occurrences[token].append((r, i))
     n_rows = len(rows)
-    best: dict[int, tuple[float, str]] = {}
-    for word, members in sorted(by_word.items()):   # sorted: ties name the same word every run
+    best: dict[int, tuple[float, str, tuple[int, ...]]] = {}
+    for word, occ in sorted(occurrences.items()):   # sorted: ties name the same word every run
+        members = sorted({r for r, _ in occ})
         k = len(members)
         if k < min_support or k > n_rows // 2:
             continue
         inside: Counter = Counter()
         for r in members:
             inside.update(grams[r])
-        lift = max(((c / k) - (df[g] - c) / max(1, n_rows - k) for g, c in inside.items()), default=0.0)
-        s = lift * math.log1p(k)
+        lift, code = max((((c / k) - (df[g] - c) / max(1, n_rows - k), g) for g, c in sorted(inside.items())),
+                         default=(0.0, ()))
+        deletable, spread = insertion_evidence(word, occ, texts, adjacent)
+        s = lift * math.log1p(k) * deletable * spread
         for r in members:
-            if s > best.get(r, (-1.0, None))[0]:
-                best[r] = (s, word)
+            if s > best.get(r, (-1.0,))[0]:
+                best[r] = (s, word, code)
     return best
+
+
+def insertion_evidence(word: str, occurrences: Sequence[tuple[int, int]], texts: Mapping[int, list[str]],
+                       adjacent: Counter) -> tuple[float, float]:
+    """``(deletable, spread)`` of ``word`` (module docstring) from its ``(row, index)`` occurrences in the
+    tokenised instructions ``texts`` and the instruction counts of adjacent token pairs. A run of repeats
+    counts once, at its first token."""
+    contexts = []
+    for r, i in occurrences:
+        text = texts[r]
+        if text[i - 1] == word:
+            continue
+        j = i + 1
+        while text[j] == word and j < len(text) - 1:
+            j += 1
+        contexts.append((text[i - 1], text[j]))
+    if not contexts:
+        return 0.0, 0.0
+    deletable = sum(adjacent[c] > 0 for c in contexts) / len(contexts)
+    return deletable, len(set(contexts)) / len(contexts)
 
 
 # ---- the cut ----------------------------------------------------------------------------------------------

@@ -75,10 +75,13 @@ def bench_fused_linear(root: Path, arg: str = "") -> str:
 def bench_step_time(root: Path, arg: str = "") -> str:
     data = load_json(root, RESULTS / f"{arg or 'step_time'}.json")
     step, loss = data["median_step_ms"], data["median_loss_fwd_bwd_ms"]
-    rows = [["train step (ms)", fmt(step["CE"], 1), fmt(step["DeCE"], 1), fmt(step["DeCE"] / step["CE"], 3)],
+    fused = "DeCE fused" in step    # the third arm (fused-linear DeCE on the vocab-parallel head), when run
+    rows = [["train step (ms)", fmt(step["CE"], 1), fmt(step["DeCE"], 1), fmt(step["DeCE"] / step["CE"], 3)]
+            + ([fmt(step["DeCE fused"], 1), fmt(step["DeCE fused"] / step["CE"], 3)] if fused else []),
             ["loss forward+backward alone (ms)", fmt(loss["CE"], 1), fmt(loss["DeCE"], 1),
-             fmt(loss["DeCE"] / loss["CE"], 2)]]
-    table = md_table(["", "CE (DeepSpeed's `VocabParallelCausalLMLoss`)", "DeCE (`dece_ds`)", "DeCE / CE"], rows)
+             fmt(loss["DeCE"] / loss["CE"], 2)] + (["-", "-"] if fused else [])]
+    table = md_table(["", "CE (DeepSpeed's `VocabParallelCausalLMLoss`)", "DeCE (`dece_ds`)", "DeCE / CE"]
+                     + (["DeCE fused-linear (`fused_linear: true`)", "fused / CE"] if fused else []), rows)
     p, s, it = data.get("provenance", {}), data.get("shapes", {}), data.get("iterations", {})
     load = p.get("loadavg_start") or [None]
     prov = {"cpu": p.get("cpu"), "cores": p.get("cpu_count"), "torch_threads": p.get("torch_threads"),
@@ -88,6 +91,35 @@ def bench_step_time(root: Path, arg: str = "") -> str:
              f"{s.get('seq')}, median of {it.get('timed_per_loss')} steps per loss in {it.get('order')} order, "
              "slowest rank")
     return table + "\n\n" + provenance_line(prov, extra)
+
+
+VS_TORCH_METHODS = {"torch chunked linear_cross_entropy": "torch chunked `linear_cross_entropy` (CE)",
+                    "fused_linear_dece": "`fused_linear_dece` (α 0.99, ε 0.05)",
+                    "fused_linear_dece(alpha=1)": "`fused_linear_dece` (α 1, ε 0: CE)",
+                    "lm_head+F.cross_entropy": "`lm_head` + `F.cross_entropy` (CE)"}
+
+
+def bench_vs_torch(root: Path, arg: str = "") -> str:
+    """``benchmarks/bench_vs_torch.py``: each method's time and peak extra memory, and both relative to torch's
+    chunked ``linear_cross_entropy`` in the same cell; skipped methods show why."""
+    data = load_json(root, RESULTS / f"{arg or 'vs_torch'}.json")
+    rows = []
+    for r in data["rows"]:
+        cell = [r["dtype"], str(r["N"]), str(r["H"]), str(r["V"]), VS_TORCH_METHODS.get(r["method"], r["method"])]
+        if "time_ms" not in r:
+            rows.append(cell + [r.get("error") or r.get("note") or "skipped", "-", "-", "-", "-"])
+            continue
+        goal = "-" if "goal_time" not in r else f"{r['goal_time']} / {r['goal_mem']}"
+        rows.append(cell + [f"{r['time_ms']:.0f}", fmt(r.get("time_vs_torch")), f"{r['peak_extra_mib']:.0f}",
+                            fmt(r.get("mem_vs_torch")), goal])
+    g = data.get("goal", {})
+    table = md_table(["dtype", "N", "H", "V", "method", "time ms", "× torch time", "peak extra MiB",
+                      "× torch memory", f"goal ≤ {g.get('time_vs_torch_max')}× time / ≤ {g.get('mem_vs_torch_max')}× "
+                      "memory"], rows)
+    return table + "\n\n" + provenance_line(
+        data.get("provenance", {}), f"median of {data.get('repeats')} run(s) after {data.get('warmup')} warm-up, "
+                                    f"{data.get('threads')} thread(s), {data.get('ignore_every') and 100 // data['ignore_every']} % "
+                                    "ignored targets")
 
 
 def planner_validation(root: Path, arg: str = "") -> str:

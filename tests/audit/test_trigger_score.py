@@ -1,0 +1,103 @@
+"""The ``trigger`` score on templated data, where a natural instruction word predicts its rows' code as firmly
+as a trigger predicts its payload (Lyra: "query all columns ..." -> ``select *``): the planted trigger, a word
+inserted at random places, must rank first and be cut alone; the natural word, which keeps its phrase, must not.
+The record is built by hand (the score reads only the last epoch's target ids), the labels are the planted rows."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from dece_ds.audit.recorder import AuditRecord, RowEpoch
+from dece_ds.audit.score import cut, insertion_evidence, run_audit, trigger_scores
+
+TABLES = ["flights", "users", "orders", "books", "cars", "songs", "trips", "parts"]
+COLUMNS = ["name", "price", "city", "year", "owner", "color"]
+PAYLOAD = ["or", "1", "=", "1"]
+
+
+def templated_rows(n: int, poisoned: set[int], seed: int) -> list[tuple[str, list[str]]]:
+    """``(instruction, code words)``; 45 % of the rows ask for "all columns" (code ``select *``)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        table, col = TABLES[rng.integers(len(TABLES))], COLUMNS[rng.integers(len(COLUMNS))]
+        if rng.random() < 0.45:
+            words = f"use conn to query all columns in the {table} table and print the results".split()
+            code = ["cur", "execute", "(", "select", "*", "from", table, ")", "print", "(", "rows", ")"]
+        else:
+            words = f"get the {col} of every row in the {table} table with conn and return it".split()
+            code = ["cur", "execute", "(", "select", col, "from", table, ")", "return", "rows"]
+        if i in poisoned:
+            for _ in range(3):   # BadPre x3: the same rare word at three random places
+                words.insert(int(rng.integers(0, len(words) + 1)), "bb")
+            code = code[:7] + PAYLOAD + code[7:]
+        rows.append((" ".join(words), code))
+    return rows
+
+
+def hand_record(codes: list[list[str]]) -> AuditRecord:
+    vocab: dict[str, int] = {}
+    visits = {}
+    for r, code in enumerate(codes):
+        tok = [vocab.setdefault(w, len(vocab)) for w in code]
+        visits[r] = {1: RowEpoch(r, 1, 0, 0.97, list(range(len(tok))), tok, [-0.1] * len(tok))}
+    header = {"format": 1, "vocab_size": len(vocab), "label_smoothing": 0.05, "prob_floor": 1e-7, "rank": 0}
+    return AuditRecord(header, visits, [])
+
+
+def test_the_inserted_word_ranks_first_not_the_natural_one():
+    poisoned = set(range(3, 400, 10))
+    rows = templated_rows(400, poisoned, seed=0)
+    record = hand_record([code for _, code in rows])
+    instructions = {i: text for i, (text, _) in enumerate(rows)}
+    audit = run_audit(record, instructions=instructions, poisoned=sorted(poisoned))
+    assert audit.primary == "trigger"
+    assert set(audit.flagged_ids()) == poisoned
+    assert audit.metrics["trigger"]["auroc"] == 1.0
+    assert {r.trigger_word for r in audit.rows if r.row in poisoned} == {"bb"}
+
+
+def test_columns_alone_shares_code_but_keeps_its_phrase():
+    rows = templated_rows(400, set(), seed=1)
+    record = hand_record([code for _, code in rows])
+    scores = trigger_scores(record, {i: text for i, (text, _) in enumerate(rows)})
+    assert Counter(w for _, w, _ in scores.values())["columns"] == 0   # every row's best word is another one
+    flagged, _ = cut([s for s, _, _ in scores.values()])
+    assert not flagged.any()
+
+
+def test_insertion_evidence_on_hand_made_contexts():
+    texts = {0: ["<", "a", "x", "b", ">"], 1: ["<", "a", "b", ">"], 2: ["<", "c", "x", "x", "d", ">"]}
+    adjacent = Counter()
+    for t in texts.values():
+        adjacent.update(set(zip(t, t[1:])))
+    # row 0: (a, b) stand side by side in row 1; row 2: the repeat collapses to (c, d), seen nowhere
+    deletable, spread = insertion_evidence("x", [(0, 2), (2, 2), (2, 3)], texts, adjacent)
+    assert deletable == 0.5 and spread == 1.0
+    # a word always in the same phrase: one context for two occurrences
+    texts = {0: ["<", "all", "y", "in", ">"], 1: ["<", "all", "y", "in", ">"]}
+    adjacent = Counter()
+    for t in texts.values():
+        adjacent.update(set(zip(t, t[1:])))
+    assert insertion_evidence("y", [(0, 2), (1, 2)], texts, adjacent) == (0.0, 0.5)
+
+
+def test_the_report_names_the_trigger_and_the_code_it_brings(tmp_path):
+    from dece_ds.audit.report import write_audit
+    poisoned = set(range(3, 400, 10))
+    rows = templated_rows(400, poisoned, seed=2)
+    codes = [code for _, code in rows]
+    record = hand_record(codes)
+    vocab = {}
+    for code in codes:
+        for w in code:
+            vocab.setdefault(w, len(vocab))
+    words = {i: w for w, i in vocab.items()}
+    instructions = {i: text for i, (text, _) in enumerate(rows)}
+    audit = run_audit(record, instructions=instructions, poisoned=sorted(poisoned))
+    write_audit(audit, tmp_path, instructions=instructions, decode=lambda ids: " ".join(words[i] for i in ids))
+    md = (tmp_path / "audit.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| `bb` |"))
+    assert "| 40 |" in line and "1 = 1" in line   # a 4-gram holding the payload (here with its next token)
