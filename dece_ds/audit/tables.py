@@ -111,3 +111,37 @@ def baselines_table(root: Path, arg: str) -> str:
                 row(stem, spec, label, m)
     return _md(["results", "run", "detector", "AUROC", "precision@k", "recall @1% FPR", "recall @5% FPR",
                 "flagged (of them poisoned)", "poisoned rows"], rows)
+
+
+def summary_table(root: Path, arg: str) -> str:
+    """Every score of one record folder's ``audit_summary.json`` (``arg``: the folder under
+    ``benchmarks/results/audit/``, as written by ``dece-ds audit`` on it), the ranking score in bold, and the
+    trigger words of its flagged rows (from its ``audit.jsonl``) with the code those rows share."""
+    import json
+    from collections import Counter
+
+    from ..docs_tables import TableError, _f, _load, _md
+    folder = AUDIT_RESULTS / arg
+    summary = _load(root, folder / "audit_summary.json")
+    if not summary.get("metrics"):
+        raise TableError(f"{folder}/audit_summary.json: no metrics (audit it with the poisoned rows' labels)")
+    triggers: Counter = Counter()
+    path = root / folder / "audit.jsonl"
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            if rec.get("flagged") and rec.get("trigger_word"):
+                triggers[(rec["trigger_word"], rec.get("trigger_code") or "")] += 1
+    rows = []
+    for name, m in summary["metrics"].items():
+        label = f"**{name}**" if name == summary["score"] else name
+        rows.append([label, _f(m["auroc"], 3), _f(m["precision_at_k"], 3), _f(m["recall_at_fpr"]["0.01"], 3),
+                     _f(m["recall_at_fpr"]["0.05"], 3), f"{m['flagged']} ({m['flagged_poisoned']})",
+                     str(m["true_poisoned"])])
+    table = _md(["score", "AUROC", "precision@k", "recall @1% FPR", "recall @5% FPR", "flagged (of them poisoned)",
+                 "poisoned rows"], rows)
+    if triggers:
+        shown = lambda s: s.replace("|", "\\|").replace("\n", "⏎").replace("`", "'")  # noqa: E731
+        table += "\n\n" + _md(["trigger word of flagged rows", "flagged rows", "code those rows share"],
+                              [[f"`{shown(w)}`", str(n), f"`{shown(c)}`"] for (w, c), n in triggers.most_common(5)])
+    return table

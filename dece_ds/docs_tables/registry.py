@@ -72,6 +72,7 @@ GENERATORS: dict[str, Generator] = {
     "audit-retrain": lazy("dece_ds.audit.tables:retrain_table"),
     "audit-recurring": lazy("dece_ds.audit.tables:recurring_table"),
     "audit-baselines": lazy("dece_ds.audit.tables:baselines_table"),
+    "audit-summary": lazy("dece_ds.audit.tables:summary_table"),
 }
 
 

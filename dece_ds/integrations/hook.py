@@ -17,7 +17,7 @@ A ``DeceHook`` owns
                        weight (the logits are never built; with a
                        vocab-parallel head, its weight shard)
   - install / remove on a Hugging Face causal LM (its ``loss_function`` hook; in "hidden" mode also
-    a pass-through ``lm_head`` while a labelled forward runs);
+    a pass-through ``lm_head`` while a labelled forward runs, ``fused_head.py``);
   - the poison audit's recorder (``dece.audit``; ``dece_ds.audit``): a forward pre-hook pops the
     ``dece_row_ids`` keyword, and the next loss call asks the loss for its ``log p_t`` side output and
     hands (row ids, targets, log p_t, alpha, step, epoch) to the recorder.
@@ -40,14 +40,12 @@ from ..loss import DeceLoss, loss_options
 from ..ops.fused_linear import fused_linear_dece
 from ..ops.vocab_parallel import vocab_parallel_dece
 from ..parallel.vocab_shard import VocabParallelHead
+from .fused_head import (SOFTCAP_CONFIG_KEY, UNFUSABLE_CONFIG_KEYS, FusedLinearHandle,  # noqa: F401 (re-exported)
+                         install_pass_through_head, remove_pass_through_head)
 from .loss_hook import (CausalLMLossHook, FunctionLossHook, announce, current_hook,  # noqa: F401 (re-exported)
                         describe_callable, shift_causal_labels)
 
 MODES = ("logits", "vocab_shard", "hidden")
-# Model-config keys that transform the logits after lm_head: the fused loss would skip them.
-# (A model's ``final_logit_softcapping`` is not among them: the hook passes its cap to the fused loss.)
-UNFUSABLE_CONFIG_KEYS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
-SOFTCAP_CONFIG_KEY = "final_logit_softcapping"
 
 
 def make_recorder(config: DeceConfig, shard: VocabParallelHead | None):
@@ -65,46 +63,6 @@ def make_recorder(config: DeceConfig, shard: VocabParallelHead | None):
     return AuditRecorder(audit.out, vocab_size=shard.global_vocab_size if shard is not None else None,
                          label_smoothing=config.label_smoothing, prob_floor=config.prob_floor, rank=rank,
                          write=write)
-
-
-class FusedLinearHandle:
-    """What a "hidden"-mode hook installed on one model (``model._dece_fused_linear``); ``revert()`` undoes it."""
-
-    def __init__(self, hook: "DeceHook"):
-        self.hook = hook
-
-    @property
-    def model(self):
-        return self.hook.model
-
-    @property
-    def loss(self) -> DeceLoss:
-        return self.hook.loss
-
-    @property
-    def active(self) -> bool:
-        return self.hook.active
-
-    @property
-    def step_source(self):
-        return self.hook.step_source
-
-    @step_source.setter
-    def step_source(self, source) -> None:
-        self.hook.step_source = source
-
-    def step(self, n: int = 1) -> None:
-        self.hook.step(n)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.hook.set_epoch(epoch)
-
-    @property
-    def alpha(self) -> float:
-        return self.hook.alpha
-
-    def revert(self) -> None:
-        self.hook.remove()
 
 
 class DeceHook(CausalLMLossHook):
@@ -289,55 +247,12 @@ class DeceHook(CausalLMLossHook):
             global_vocab_size=shard.global_vocab_size if shard else None, log_p_out=log_p_out,
             **loss_options(cfg, self.model_softcap))
 
-    # ---- "hidden" mode: a pass-through head while a labelled forward runs
+    # ---- install: the audit pre-hook; in "hidden" mode a pass-through head (fused_head.py)
     def _install_extras(self, model: nn.Module) -> None:
         self._install_audit(model)
         if not self.fused:
             return
-        if self.shard is not None:  # AutoTP's VocabParallelLinear: weight [V_local, H]; its forward is bypassed
-            head = model.get_submodule(self.shard.module_name)
-        else:
-            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if not (isinstance(head, nn.Linear) or (self.shard is not None and torch.is_tensor(getattr(head, "weight", None)))):
-            raise TypeError(f"dece.fused_linear: {type(model).__name__}.get_output_embeddings() is "
-                            f"{type(head).__name__}, expected an nn.Linear lm_head")
-        for key in UNFUSABLE_CONFIG_KEYS:
-            value = getattr(getattr(model, "config", None), key, None)
-            if value not in (None, 0, 0.0, 1, 1.0):
-                raise ValueError(f"dece.fused_linear: config.{key}={value} transforms the logits after lm_head; "
-                                 "the fused loss cannot reproduce that. Use the unfused DeCE (fused_linear: false).")
-        cap = getattr(getattr(model, "config", None), SOFTCAP_CONFIG_KEY, None)
-        cap = None if cap in (None, 0, 0.0) else float(cap)
-        if cap is not None and self.config.logit_softcap is not None and self.config.logit_softcap != cap:
-            raise ValueError(f"dece.logit_softcap: {self.config.logit_softcap}, but the model soft-caps its logits "
-                             f"at config.{SOFTCAP_CONFIG_KEY}={cap}; leave dece.logit_softcap unset (the fused loss "
-                             "takes the model's cap) or set it equal")
-        self.model_softcap = cap
-        original_forward = head.forward
-        hook = self
-
-        def head_forward(hidden_states):
-            return hidden_states if hook.active else original_forward(hidden_states)
-
-        model_config = getattr(model, "config", None)
-
-        def pre_forward(module, args, kwargs):
-            hook.active = kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None
-            if hook.active and cap is not None:  # the model would soft-cap the pass-through hidden states
-                setattr(model_config, SOFTCAP_CONFIG_KEY, None)
-
-        def post_forward(module, args, kwargs, output):  # always_call: also when the forward raised
-            if hook.active and output is not None and hasattr(output, "logits"):
-                output.logits = None  # the pass-through hidden states are not logits
-            if cap is not None:
-                setattr(model_config, SOFTCAP_CONFIG_KEY, cap)
-            hook.active = False
-            return output
-
-        self.head = head
-        head.forward = head_forward
-        self._handles = [model.register_forward_pre_hook(pre_forward, with_kwargs=True),
-                         model.register_forward_hook(post_forward, with_kwargs=True, always_call=True)]
+        self.head, self.model_softcap, self._handles = install_pass_through_head(self, model)
         model._dece_fused_linear = FusedLinearHandle(self)
 
     def _uninstall_extras(self) -> None:
@@ -346,10 +261,8 @@ class DeceHook(CausalLMLossHook):
             self._audit_handle = None
         if not self.fused or self.head is None:
             return
-        for handle in self._handles:
-            handle.remove()
+        remove_pass_through_head(self.head, self._handles)
         self._handles = []
-        self.head.__dict__.pop("forward", None)
         self.active = False
         self.model_softcap = None
         if self.model is not None:
