@@ -1,4 +1,4 @@
-"""Suspicion scores of training rows from an audit record, the cut, and the label metrics.
+"""Suspicion scores of training rows from an audit record, and the audit as a whole (``run_audit``).
 
 Per row ``r`` and epoch ``e`` the record holds each trained token's ``log p_t``; with that epoch's alpha
 ``a`` and smoothing ``eps`` the token's DeCE weight is ``w = a*p/(a*p + (1-a)(1-eps))`` (p floored) and
@@ -25,11 +25,7 @@ instructions are known and ``recurrence`` otherwise):
 - ``persistence``: fraction of epochs with any refused token; ``max_nll``: the largest ``-log p_t`` in
   the last epoch; ``refusal``: mean ``1 - w`` over the row's tokens in the last epoch.
 
-Cut (does not know the poison count): on ``x = log(1 + score)`` sorted from the top, the largest gap
-between neighbours among the upper half of the rows; rows above it are flagged when that gap is at least
-``log 2`` (the flagged rows score at least twice the next one, in ``1 + score``), or at least 3 times the
-second-largest gap of the upper half (and at least 0.1): one step stands out of the staircase of the rest.
-Nothing is flagged otherwise.
+The cut is in ``cut.py``, the metrics against known poison in ``metrics.py`` (both re-exported here).
 """
 
 from __future__ import annotations
@@ -42,13 +38,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from .cut import GAP_FLOOR, GAP_MIN, GAP_RATIO, cut  # noqa: F401 (re-exported)
+from .metrics import auroc, label_metrics, precision_at_k, recall_at_fpr  # noqa: F401 (re-exported)
 from .recorder import AuditRecord, AuditRecordError
 
 SCORES = ("recurrence", "trigger", "persistence", "max_nll", "refusal")
 AUTO = "auto"   # trigger when the instructions are known (it ranked best where measured, docs/audit.md), else recurrence
-GAP_MIN = math.log(2.0)
-GAP_RATIO = 3.0
-GAP_FLOOR = 0.1
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\S")   # an instruction's words and punctuation, for contexts
 _BOS, _EOS = "\x02", "\x03"
@@ -197,92 +192,6 @@ def insertion_evidence(word: str, occurrences: Sequence[tuple[int, int]], texts:
         return 0.0, 0.0
     deletable = sum(adjacent[c] > 0 for c in contexts) / len(contexts)
     return deletable, len(set(contexts)) / len(contexts)
-
-
-# ---- the cut ----------------------------------------------------------------------------------------------
-
-def cut(scores: Sequence[float]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Flag mask (module docstring's rule) and how the cut was made."""
-    s = np.asarray(scores, dtype=np.float64)
-    info: dict[str, Any] = {"rule": "largest gap in log(1+score) among the upper half: >= log 2, or >= 3x the "
-                                    "second-largest gap there (and >= 0.1)"}
-    if s.size < 2:
-        return np.zeros(s.size, dtype=bool), {**info, "threshold": None, "gap": 0.0, "flagged": 0}
-    x = np.log1p(np.maximum(s, 0.0))
-    xs = np.sort(x)[::-1]
-    upper = max(1, s.size // 2)
-    gaps = xs[:upper] - xs[1:upper + 1]
-    j = int(np.argmax(gaps))
-    gap = float(gaps[j])
-    second = float(np.max(np.delete(gaps, j))) if gaps.size > 1 else 0.0
-    threshold = float(xs[j])           # flagged: x >= threshold
-    clear = gap >= GAP_MIN or (gap >= GAP_RATIO * second and gap >= GAP_FLOOR)
-    flagged = (x >= threshold) if clear else np.zeros(s.size, dtype=bool)
-    return flagged, {**info, "gap": gap, "second_gap": second, "threshold": float(np.expm1(threshold)),
-                     "flagged": int(flagged.sum())}
-
-
-# ---- metrics against known poison ------------------------------------------------------------------------
-
-def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
-    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
-    pos, neg = int(y.sum()), int((~y).sum())
-    if pos == 0 or neg == 0:
-        return None
-    ranks = _average_ranks(s)   # ties count one half
-    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
-def _average_ranks(s: np.ndarray) -> np.ndarray:
-    order = np.argsort(s, kind="stable")
-    ranks = np.empty(s.size, dtype=np.float64)
-    sorted_s = s[order]
-    i = 0
-    while i < s.size:
-        j = i
-        while j + 1 < s.size and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return ranks
-
-
-def recall_at_fpr(scores: Sequence[float], labels: Sequence[bool], fpr: float) -> float | None:
-    """Largest recall over thresholds ``score >= thr`` whose false-positive rate is <= ``fpr`` (ties: whole)."""
-    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
-    pos, neg = int(y.sum()), int((~y).sum())
-    if pos == 0 or neg == 0:
-        return None
-    best = 0.0
-    for thr in np.unique(s):
-        sel = s >= thr
-        if (sel & ~y).sum() / neg <= fpr:
-            best = max(best, (sel & y).sum() / pos)
-    return float(best)
-
-
-def precision_at_k(scores: Sequence[float], labels: Sequence[bool], k: int) -> float | None:
-    """Precision of the ``k`` top-scored rows; rows tied at the k-th score share the remaining slots evenly
-    (the expected precision under a random tie-break, so a constant score is not lucky)."""
-    y = np.asarray(labels, dtype=bool)
-    s = np.asarray(scores, dtype=np.float64)
-    if k <= 0 or s.size == 0:
-        return None
-    k = min(k, s.size)
-    kth = np.sort(s)[::-1][k - 1]
-    above, tied = s > kth, s == kth
-    slots = k - int(above.sum())
-    hits = float((above & y).sum()) + slots * float((tied & y).sum()) / float(tied.sum())
-    return hits / k
-
-
-def label_metrics(scores: Sequence[float], labels: Sequence[bool], flagged: Sequence[bool]) -> dict[str, Any]:
-    y = np.asarray(labels, dtype=bool)
-    f = np.asarray(flagged, dtype=bool)
-    k = int(y.sum())
-    return {"auroc": auroc(scores, y), "precision_at_k": precision_at_k(scores, y, k),
-            "recall_at_fpr": {"0.01": recall_at_fpr(scores, y, 0.01), "0.05": recall_at_fpr(scores, y, 0.05)},
-            "flagged": int(f.sum()), "flagged_poisoned": int((f & y).sum()), "true_poisoned": k}
 
 
 # ---- the audit as a whole ---------------------------------------------------------------------------------
