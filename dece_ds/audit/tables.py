@@ -37,12 +37,16 @@ def scores_table(root: Path, arg: str) -> str:
 
 
 def retrain_table(root: Path, arg: str) -> str:
-    """A row per run (final epoch, whole test set) of one or more results files, with the rows each trained on."""
+    """A row per run (final epoch, whole test set) of one or more results files (one of them with an audited
+    dece run), with the rows each trained on."""
     from ..backdoor.report import run_label
-    from ..docs_tables import _f, _md, _stems
+    from ..docs_tables import TableError, _f, _load, _md, _stems
     rows = []
-    for stem in _stems(arg, "audit-retrain"):
-        results = _results(root, stem)
+    stems = _stems(arg, "audit-retrain")
+    files = {stem: _load(root, AUDIT_RESULTS / f"{stem}.json") for stem in stems}
+    if not any("audit" in run for results in files.values() for run in results.get("runs", {}).values()):
+        raise TableError(f"{', '.join(stems)}: no audited dece run (no 'audit' block)")
+    for stem, results in files.items():   # e.g. the audited dece + audit_retrain file and the ce file
         n = results["data"]["finetune_rows"]
         for spec, run in results["runs"].items():
             f = run["final"]
@@ -82,8 +86,8 @@ FIT_ON = {"held_apart_clean": "held-apart clean rows", "training_rows": "trainin
 def baselines_table(root: Path, arg: str) -> str:
     """The audit against the baseline detectors on the same rows, per results file (one or more stems): the
     audit's ranking score of each audited ``dece`` run (its ``"audit"`` block) and the three baselines of each
-    ``ce`` run (its ``"audit_baselines"`` block, ``dece-ds backdoor run --audit-baselines``), against the
-    poisoner's indices: AUROC, precision@k, recall at 1 % / 5 % FPR, the audit's cut."""
+    ``ce`` run (its ``"audit_baselines"`` block, ``dece-ds backdoor run --audit-baselines``; some file must have
+    one), against the poisoner's indices: AUROC, precision@k, recall at 1 % / 5 % FPR, the audit's cut."""
     from ..backdoor.report import run_label
     from ..docs_tables import TableError, _f, _load, _md, _stems
     rows = []
@@ -93,12 +97,12 @@ def baselines_table(root: Path, arg: str) -> str:
                      _f(m["recall_at_fpr"]["0.01"], 3), _f(m["recall_at_fpr"]["0.05"], 3),
                      f"{m['flagged']} ({m['flagged_poisoned']})", str(m["true_poisoned"])])
 
-    for stem in _stems(arg, "audit-baselines"):
-        results = _load(root, AUDIT_RESULTS / f"{stem}.json")
-        runs = results.get("runs", {})
-        if not any("audit_baselines" in run for run in runs.values()):
-            raise TableError(f"{AUDIT_RESULTS / stem}.json: no ce run with an 'audit_baselines' block "
-                             f"(dece-ds backdoor run --audit-baselines)")
+    stems = _stems(arg, "audit-baselines")
+    all_runs = {stem: _load(root, AUDIT_RESULTS / f"{stem}.json").get("runs", {}) for stem in stems}
+    if not any("audit_baselines" in run for runs in all_runs.values() for run in runs.values()):
+        raise TableError(f"{', '.join(stems)}: no ce run with an 'audit_baselines' block "
+                         f"(dece-ds backdoor run --audit-baselines)")
+    for stem, runs in all_runs.items():   # a file may hold only the audited dece run, another the ce run
         for spec, run in runs.items():
             if "audit" in run:
                 row(stem, spec, f"audit (`{run['audit']['score']}`)", run["audit"])

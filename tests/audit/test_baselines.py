@@ -203,3 +203,10 @@ def test_baselines_table_from_a_results_file(tmp_path):
     (folder / "y.json").write_text(json.dumps({"runs": {"ce": {}}}))
     with pytest.raises(TableError, match="no ce run with an 'audit_baselines' block"):
         baselines_table(tmp_path, "y")
+    # the audited dece run and the ce run with the baselines in two files: one table
+    (folder / "d.json").write_text(json.dumps({"runs": {"dece:alpha_base=0.97": results["runs"]["dece:alpha_base=0.97"]}}))
+    (folder / "c.json").write_text(json.dumps({"runs": {"ce": results["runs"]["ce"]}}))
+    lines = baselines_table(tmp_path, "d,c").splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| `d`", "| `c`", "| `c`", "| `c`"]
+    with pytest.raises(TableError, match="no ce run with an 'audit_baselines' block"):
+        baselines_table(tmp_path, "d,y")
