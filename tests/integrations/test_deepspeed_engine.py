@@ -215,3 +215,5 @@ if __name__ == "__main__":
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", "--local-rank", type=int)
     worker(p.parse_known_args(sys.argv[1:])[0].out)
+    from dece_ds.parallel.shutdown import finish_process
+    finish_process(0)   # skip interpreter teardown: gloo/DeepSpeed threads may std::terminate there

@@ -138,3 +138,5 @@ if __name__ == "__main__":
     p.add_argument("--local_rank", "--local-rank", type=int)
     a = p.parse_known_args(sys.argv[1:])[0]
     worker(a.out, a.ds)
+    from dece_ds.parallel.shutdown import finish_process
+    finish_process(0)   # skip interpreter teardown: gloo/DeepSpeed threads may std::terminate there

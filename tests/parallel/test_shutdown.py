@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
 
 from dece_ds.parallel import shutdown
 
@@ -52,15 +51,24 @@ def test_release_unlinks_only_this_ranks_segment(endpoint):
 
 
 def test_destroy_process_group_unlinks_the_segment(endpoint):
+    """In a fresh interpreter: this test process may already hold a process group from other tests."""
+    import subprocess
+    import sys
     path = shutdown.deepspeed_shm_buffer_path(0)
-    Path(path).write_bytes(b"\0" * 64)
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    script = f"""
+import os, torch.distributed as dist
+from dece_ds.parallel import shutdown
+open({path!r}, "wb").write(bytes(64))
+dist.init_process_group("gloo", rank=0, world_size=1)
+shutdown.destroy_process_group()
+assert not dist.is_initialized()
+print("exists" if os.path.exists({path!r}) else "gone")
+"""
     try:
-        shutdown.destroy_process_group()
-        assert not dist.is_initialized()
-        assert not os.path.exists(path)
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                             env=os.environ.copy())
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == "gone"
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
         if os.path.exists(path):
             os.unlink(path)
