@@ -59,6 +59,7 @@ def write_audit(audit: Audit, out_dir: str | os.PathLike, *, instructions: Mappi
     paths["jsonl"].write_text("\n".join(lines) + "\n", encoding="utf-8")
     summary = {"score": audit.primary, "rows": len(audit.rows), "flagged": audit.flagged_ids(), "cut": audit.cut,
                "recurring_refused_text": audit.recurring, "recurring_refused_text_flagged": audit.recurring_flagged,
+               "trigger_words": [{"word": w, "code": text(list(code)), "rows": n} for (w, code), n in trigger_words(audit)],
                "metrics": audit.metrics, **dict(extra or {})}
     paths["summary"].write_text(json.dumps(summary, indent=1), encoding="utf-8")
     paths["md"].write_text(markdown(audit, order, text, instructions, labels), encoding="utf-8")
@@ -68,9 +69,16 @@ def write_audit(audit: Audit, out_dir: str | os.PathLike, *, instructions: Mappi
     return paths
 
 
-def _cell(s: str | None, width: int = 90) -> str:
+def _cell(s: str | None, width: int | None = 90) -> str:
+    """``s`` as the text of a markdown table cell: ``|`` escaped, newlines shown as ⏎, cut at ``width``
+    (``None``: not cut)."""
     s = (s or "").replace("|", "\\|").replace("\n", "⏎")
-    return s if len(s) <= width else s[:width - 1] + "…"
+    return s if width is None or len(s) <= width else s[:width - 1] + "…"
+
+
+def code_cell(s: str | None, width: int | None = 90) -> str:
+    """``s`` in backticks as a markdown table cell (``_cell``; a backtick inside is shown as ')."""
+    return f"`{_cell((s or '').replace('`', chr(39)), width)}`"
 
 
 def markdown(audit: Audit, order, text, instructions, labels) -> str:

@@ -164,7 +164,7 @@ def trigger_scores(record: AuditRecord, instructions: Mapping[int, str],
         inside: Counter = Counter()
         for r in members:
             inside.update(grams[r])
-        lift, code = max((((c / k) - (df[g] - c) / max(1, n_rows - k), g) for g, c in sorted(inside.items())),
+        lift, code = max((((c / k) - (df[g] - c) / max(1, n_rows - k), g) for g, c in inside.items()),
                          default=(0.0, ()))
         deletable, spread = insertion_evidence(word, occ, texts, adjacent)
         s = lift * math.log1p(k) * deletable * spread

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .report import code_cell
+
 AUDIT_RESULTS = Path("benchmarks") / "results" / "audit"
 
 
@@ -73,8 +75,7 @@ def recurring_table(root: Path, arg: str) -> str:
         summary = _load(root, folder / "audit_summary.json")
         for where, key in (("flagged rows", "recurring_refused_text_flagged"), ("all rows", "recurring_refused_text")):
             for text, count in (summary.get(key) or [])[:5]:
-                shown = text.replace("|", "\\|").replace("\n", "⏎").replace("`", "'")
-                rows.append([spec, where, f"`{shown}`", str(count)])
+                rows.append([spec, where, code_cell(text, None), str(count)])
     return _md(["run", "among", "refused text", "rows"], rows)
 
 
@@ -120,22 +121,12 @@ def baselines_table(root: Path, arg: str) -> str:
 def summary_table(root: Path, arg: str) -> str:
     """Every score of one record folder's ``audit_summary.json`` (``arg``: the folder under
     ``benchmarks/results/audit/``, as written by ``dece-ds audit`` on it), the ranking score in bold, and the
-    trigger words of its flagged rows (from its ``audit.jsonl``) with the code those rows share."""
-    import json
-    from collections import Counter
-
+    trigger words of its flagged rows with the code those rows share (its ``"trigger_words"``)."""
     from ..docs_tables import TableError, _f, _load, _md
     folder = AUDIT_RESULTS / arg
     summary = _load(root, folder / "audit_summary.json")
     if not summary.get("metrics"):
         raise TableError(f"{folder}/audit_summary.json: no metrics (audit it with the poisoned rows' labels)")
-    triggers: Counter = Counter()
-    path = root / folder / "audit.jsonl"
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            rec = json.loads(line)
-            if rec.get("flagged") and rec.get("trigger_word"):
-                triggers[(rec["trigger_word"], rec.get("trigger_code") or "")] += 1
     rows = []
     for name, m in summary["metrics"].items():
         label = f"**{name}**" if name == summary["score"] else name
@@ -144,8 +135,9 @@ def summary_table(root: Path, arg: str) -> str:
                      str(m["true_poisoned"])])
     table = _md(["score", "AUROC", "precision@k", "recall @1% FPR", "recall @5% FPR", "flagged (of them poisoned)",
                  "poisoned rows"], rows)
+    triggers = summary.get("trigger_words") or []
     if triggers:
-        shown = lambda s: s.replace("|", "\\|").replace("\n", "⏎").replace("`", "'")  # noqa: E731
         table += "\n\n" + _md(["trigger word of flagged rows", "flagged rows", "code those rows share"],
-                              [[f"`{shown(w)}`", str(n), f"`{shown(c)}`"] for (w, c), n in triggers.most_common(5)])
+                              [[code_cell(t["word"], None), str(t["rows"]), code_cell(t["code"], None)]
+                               for t in triggers[:5]])
     return table

@@ -33,7 +33,7 @@ def release_deepspeed_shm_buffer(rank: int) -> bool:
     """Unlink ``rank``'s DeepSpeed shared-memory segment if it exists -> whether one was removed."""
     try:
         os.unlink(deepspeed_shm_buffer_path(rank))
-    except (FileNotFoundError, PermissionError, OSError):
+    except OSError:
         return False
     return True
 

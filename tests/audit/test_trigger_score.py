@@ -101,3 +101,16 @@ def test_the_report_names_the_trigger_and_the_code_it_brings(tmp_path):
     md = (tmp_path / "audit.md").read_text()
     line = next(x for x in md.splitlines() if x.startswith("| `bb` |"))
     assert "| 40 |" in line and "1 = 1" in line   # a 4-gram holding the payload (here with its next token)
+    # the summary carries the same list, and the docs table prints it (escaped: `|` and backticks)
+    import json
+
+    from dece_ds.audit.tables import AUDIT_RESULTS, summary_table
+    summary = json.loads((tmp_path / "audit_summary.json").read_text())
+    assert [(t["word"], t["rows"]) for t in summary["trigger_words"]] == [("bb", 40)]
+    assert "1 = 1" in summary["trigger_words"][0]["code"]
+    summary["trigger_words"].append({"word": "a|b", "code": "x `y`", "rows": 2})
+    folder = tmp_path / "root" / AUDIT_RESULTS / "run"
+    folder.mkdir(parents=True)
+    (folder / "audit_summary.json").write_text(json.dumps(summary))
+    table = summary_table(tmp_path / "root", "run")
+    assert "| `bb` | 40 |" in table and "| `a\\|b` | 2 | `x 'y'` |" in table
