@@ -3,7 +3,7 @@
 Every path (``dece_loss``, ``vocab_parallel_dece``, ``fused_linear_dece``) walks the tokens in chunks
 of ``c`` rows and, per chunk ``z`` ``[c, V_shard]`` (this rank's real vocabulary columns), runs
 
-    Stages.logits         optional soft-cap: z -> cap * tanh(z / cap)        (fp32 scratch)
+    Stages.logits         z in fp32 (bf16/fp16: one copy), optional soft-cap cap * tanh(z / cap)
     Stages.local_lse      row max m and sum exp(z - m); leaves exp(z - m) in scratch
     Stages.global_lse     (shift, log_norm) with lse = shift + log_norm     collective 1 (all-gather)
     Stages.mask_ignored   ignored rows: p = 0 (log_norm = +inf), no loss, no gradient
@@ -48,11 +48,12 @@ class Stages:
 
     @staticmethod
     def logits(z: torch.Tensor, k: DeceConstants, work: WorkBuffers) -> torch.Tensor:
-        """``[c, V]`` logits -> ``cap * tanh(z / cap)`` in ``work.capped`` (compute dtype), or ``z`` itself."""
+        """``[c, V]`` logits -> ``cap * tanh(z / cap)`` in ``work.capped`` (compute dtype), or ``z`` in the
+        compute dtype (``WorkBuffers.compute_copy``: itself, or bf16 / fp16 converted once)."""
         if k.logit_softcap is None:
-            return z
+            return work.compute_copy(z)
         out = work.capped(z.shape[0])
-        torch.div(z, k.logit_softcap, out=out).tanh_().mul_(k.logit_softcap)
+        out.copy_(z).div_(k.logit_softcap).tanh_().mul_(k.logit_softcap)
         return out
 
     @staticmethod

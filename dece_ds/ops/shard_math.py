@@ -110,6 +110,15 @@ class WorkBuffers:
             self._r = torch.empty_like(self._p)
         return self._r[:c]
 
+    def compute_copy(self, z: torch.Tensor) -> torch.Tensor:
+        """``z`` ``[c, V_shard]`` in the compute dtype: ``z`` itself when it has it, else (bf16 / fp16 logits)
+        one conversion pass into the ``q`` buffer, so every later pass reads fp32 (a mixed-dtype op converts
+        per element, several times slower than one ``copy_``). The copy lives until ``chunk_terms`` forms q,
+        after its last read of the logits; no extra scratch."""
+        if z.dtype == self.dtype:
+            return z
+        return self.q(z.shape[0]).copy_(z)
+
     def mask(self, c: int) -> torch.Tensor:
         if self._mask is None:
             self._mask = torch.empty(self._p.shape, dtype=torch.bool, device=self.device)
@@ -199,12 +208,6 @@ def chunk_terms(
         log_p_t = (z.gather(1, col).squeeze(1).to(p.dtype) - shift) - log_norm   # log p_t, unclamped
     p_t = p.gather(1, col).squeeze(1)
 
-    # Target column, from scalars: pf_t, m_t, q_t, r_t (and log q_t, stably, for the loss).
-    pf_t = p_t.clamp_min(f) if f > 0 else p_t
-    m_t = (p_t >= f).to(p.dtype) if f > 0 else torch.ones_like(p_t)
-    on_offset = (1.0 - alpha) * k.on_target
-    r_t = pf_t / (alpha * pf_t + on_offset) if on_offset > 0 else torch.full_like(p_t, 1.0 / alpha)
-
     ratio = None
     zeros = torch.zeros_like(p_t)
     if s == 0.0:
@@ -236,11 +239,29 @@ def chunk_terms(
             bulk_log = q.sum(-1)
             log_q_hat_t = q.gather(1, col).squeeze(1)
 
-    shard_mask = in_shard.to(p.dtype)
+    return finish_terms(p, ratio, col, in_shard, row_ok, p_t, log_p_t if with_loss else None,
+                        bulk_log if with_loss else None, bulk_ratio, ratio_t, log_q_hat_t if with_loss else None, k)
+
+
+def finish_terms(p, ratio, col, in_shard, row_ok, p_t, log_p_t, bulk_log, bulk_ratio, ratio_t, log_q_hat_t,
+                 k: DeceConstants) -> ChunkTerms:
+    """The partial sums of a chunk from its per-row ``[c]`` pieces: the bulk sums over the shard as if every
+    token were off-target (``bulk_log = sum_k log q_k``, ``bulk_ratio = sum_k r_k m_k``), their values at the
+    target column (``log_q_hat_t``, ``ratio_t``), and ``p_t``, ``log_p_t``; the target column is corrected from
+    scalars (pf_t, m_t, q_t, r_t, and log q_t stably). ``log_p_t`` / ``bulk_log`` / ``log_q_hat_t`` None: no loss.
+    Shared by the eager passes (``chunk_terms``) and the compiled kernels (``ops/compiled.py``)."""
+    alpha, s, f = k.alpha, k.off_target, k.prob_floor
+    zeros = torch.zeros_like(p_t)
+    pf_t = p_t.clamp_min(f) if f > 0 else p_t
+    m_t = (p_t >= f).to(p_t.dtype) if f > 0 else torch.ones_like(p_t)
+    on_offset = (1.0 - alpha) * k.on_target
+    r_t = pf_t / (alpha * pf_t + on_offset) if on_offset > 0 else torch.full_like(p_t, 1.0 / alpha)
+
+    shard_mask = in_shard.to(p_t.dtype)
     target_fix = shard_mask * (s * ratio_t - k.on_target * r_t * m_t)
     w_part = s * bulk_ratio + shard_mask * (k.on_target * r_t * m_t - s * ratio_t)
 
-    if with_loss:
+    if log_p_t is not None:
         log_pf_t = log_p_t.clamp_min(math.log(f)) if f > 0 else log_p_t
         log_q_t = log_pf_t + math.log(alpha)
         if on_offset > 0:
@@ -275,8 +296,11 @@ def chunk_grad(
     s = k.off_target
     tmp = terms.p.mul_((row_coef * w_total)[:, None])                   # p is not needed after this
     tmp.scatter_add_(1, terms.target_col, (row_coef * terms.target_fix)[:, None])
-    if terms.ratio is not None:                                          # one pass, rounded once into out
-        return torch.addcmul(tmp, terms.ratio, (-s * row_coef)[:, None], out=out)
-    if s != 0.0:
-        return torch.sub(tmp, ((s / k.alpha) * row_coef)[:, None], out=out)
+    # the last term in place in the compute dtype, then one rounding copy into a lower-precision out
+    # (an op writing bf16 from fp32 operands directly converts per element, several times slower)
+    same = out.dtype == tmp.dtype
+    if terms.ratio is not None:
+        tmp = torch.addcmul(tmp, terms.ratio, (-s * row_coef)[:, None], out=out if same else tmp)
+    elif s != 0.0:
+        tmp = torch.sub(tmp, ((s / k.alpha) * row_coef)[:, None], out=out if same else tmp)
     return tmp if out is tmp else out.copy_(tmp)
