@@ -2,6 +2,12 @@
 
     .venv/bin/python benchmarks/bench_dece.py                  # full grid, writes benchmarks/results/dece.json
     .venv/bin/python benchmarks/bench_dece.py --quick          # N=4096, V=32000 fp32 only
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_dece.py --n 4096 --v 32000 151936 --dtypes bfloat16 \
+        --methods F.cross_entropy dece_ds "dece_ds(compile)" --out benchmarks/results/dece_bf16_4096.json
+                                                               # the eager and compiled backends in bf16
+
+"dece_ds(compile)" is ``backend="compile"`` (dece_ds/ops/compiled.py); its warm-up run compiles (or loads the
+kernels from torch's on-disk cache) and is not timed.
 
 Each (method, shape, dtype) runs in its own forked process (see common.py) with the same inputs;
 times are medians of ``--reps`` runs after one warm-up. Peak extra memory is reported in MiB and in
@@ -25,7 +31,7 @@ from dece_ds.ops.reference import reference_dece_loss  # noqa: E402
 
 ALPHA, EPS = 0.99, 0.05
 # Estimated peak extra memory in fp32 N x V buffers (for skipping cases that would not fit).
-EST_BUFFERS = {"naive": 7.0, "F.cross_entropy": 3.5, "dece_ds": 1.3}
+EST_BUFFERS = {"naive": 7.0, "F.cross_entropy": 3.5, "dece_ds": 1.3, "dece_ds(compile)": 1.3}
 
 
 def methods(vocab_size: int):
@@ -34,6 +40,7 @@ def methods(vocab_size: int):
         "naive": lambda z, t: reference_dece_loss(z, t, alpha=ALPHA, label_smoothing=EPS),
         "F.cross_entropy": lambda z, t: F.cross_entropy(z, t, label_smoothing=smoothing),
         "dece_ds": lambda z, t: dece_loss(z, t, alpha=ALPHA, label_smoothing=EPS),
+        "dece_ds(compile)": lambda z, t: dece_loss(z, t, alpha=ALPHA, label_smoothing=EPS, backend="compile"),
     }
 
 
@@ -60,6 +67,8 @@ def main(argv=None) -> int:
     ap.add_argument("--v", type=int, nargs="+", default=[32000, 50257, 151936])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--methods", nargs="+", default=["naive", "F.cross_entropy", "dece_ds"],
+                    choices=list(EST_BUFFERS), help="methods to time (ratios need F.cross_entropy)")
     ap.add_argument("--mem-limit-gib", type=float, default=16.0)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dece.json")
     args = ap.parse_args(argv)
@@ -77,6 +86,8 @@ def main(argv=None) -> int:
                 buffer_mib = n * v * 4 / 2**20
                 row_ce = None
                 for name, fn in methods(v).items():
+                    if name not in args.methods:
+                        continue
                     est_gib = (EST_BUFFERS[name] + 1) * buffer_mib / 1024
                     if est_gib > args.mem_limit_gib:
                         res = {"error": f"skipped: ~{est_gib:.0f} GiB estimated"}

@@ -94,6 +94,10 @@ class DeceConfig(BaseModel):
         None, gt=0.0, allow_inf_nan=False,
         description="Gemma-2 soft-capping: logits -> cap * tanh(logits / cap) before the loss. None: off. The fused "
                     "hook takes a model's final_logit_softcapping by itself.")
+    backend: Literal["eager", "compile"] = Field(
+        "eager", description="eager: the loss's chunk stages as torch ops; compile: each stage one fused kernel "
+                             "through torch.compile (C++ on CPU, Triton on GPU; the first step compiles, and a "
+                             "C++ compiler must be installed). Same values to float rounding (dece_ds.ops.compiled).")
     fused_linear: bool = Field(
         False, description="Compute the loss from hidden states and the lm_head weight, never the full logits.")
     ce_warmup_epochs: int = Field(

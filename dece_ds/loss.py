@@ -18,7 +18,8 @@ def loss_options(cfg: DeceConfig, logit_softcap: float | None = None) -> dict[st
     """The section's chunking and logit options as the loss functionals' keywords (every path takes them);
     ``logit_softcap``: a cap to use when the section sets none (a model's own soft-capping)."""
     return {"chunk_size": cfg.chunk_size, "chunk_budget_bytes": budget_mib_to_bytes(cfg.chunk_budget_mib),
-            "z_loss": cfg.z_loss, "logit_softcap": cfg.logit_softcap if cfg.logit_softcap is not None else logit_softcap}
+            "z_loss": cfg.z_loss, "logit_softcap": cfg.logit_softcap if cfg.logit_softcap is not None else logit_softcap,
+            "backend": cfg.backend}
 
 
 class DeceLoss(nn.Module):

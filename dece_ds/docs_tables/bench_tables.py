@@ -33,6 +33,24 @@ def bench_dece(root: Path, arg: str = "") -> str:
     return table + "\n\n" + provenance_line(data.get("provenance", {}), f"median of {data.get('reps')} reps")
 
 
+def bench_dece_backends(root: Path, arg: str) -> str:
+    """``F.cross_entropy`` against ``dece_loss`` with the eager and the compiled backend, from a ``bench_dece.py
+    --methods F.cross_entropy dece_ds "dece_ds(compile)"`` file (``arg``: its stem)."""
+    data = load_json(root, RESULTS / f"{arg}.json")
+    by_case: dict[tuple, dict[str, dict]] = {}
+    for row in data["rows"]:
+        by_case.setdefault((row["dtype"], row["N"], row["V"]), {})[row["method"]] = row
+    out = []
+    for (dtype, n, v), m in by_case.items():
+        def t(method):
+            r = m.get(method, {})
+            return f"{r['time_ms']:.0f} ({fmt(r.get('time_vs_ce'))}×)" if "time_ms" in r else "-"
+        out.append([dtype, str(n), str(v), t("F.cross_entropy").split(" ")[0], t("dece_ds"), t("dece_ds(compile)")])
+    table = md_table(["dtype", "N", "V", "F.cross_entropy ms", "dece_ds eager ms (× CE)",
+                      "dece_ds `backend=\"compile\"` ms (× CE)"], out)
+    return table + "\n\n" + provenance_line(data.get("provenance", {}), f"median of {data.get('reps')} reps")
+
+
 def bench_vocab_parallel(root: Path, arg: str = "") -> str:
     data = load_json(root, RESULTS / f"{arg or 'vocab_parallel'}.json")
     by_tp: dict[int, dict[str, dict]] = {}

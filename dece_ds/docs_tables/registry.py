@@ -26,6 +26,7 @@ from typing import Callable
 from .backdoor_tables import backdoor_combined, backdoor_epochs, backdoor_headline, backdoor_runs
 from .bench_tables import (
     bench_dece,
+    bench_dece_backends,
     bench_fused_linear,
     bench_step_time,
     bench_vs_torch,
@@ -60,6 +61,7 @@ GENERATORS: dict[str, Generator] = {
     "backdoor-combined": backdoor_combined,
     "backdoor-headline": backdoor_headline,
     "bench-dece": bench_dece,
+    "bench-dece-backends": bench_dece_backends,
     "bench-vocab-parallel": bench_vocab_parallel,
     "bench-fused-linear": bench_fused_linear,
     "bench-step-time": bench_step_time,

@@ -100,9 +100,11 @@ def _real(name: str, value) -> float:
     return float(value)
 
 
-def check_logit_options(z_loss=0.0, logit_softcap=None, chunk_budget_bytes=None) -> None:
+def check_logit_options(z_loss=0.0, logit_softcap=None, chunk_budget_bytes=None, backend="eager") -> None:
     """``z_loss`` a finite float >= 0; ``logit_softcap`` None or a finite float > 0; ``chunk_budget_bytes``
-    None or a positive int (bytes of ``[chunk, V]`` scratch)."""
+    None or a positive int (bytes of ``[chunk, V]`` scratch); ``backend`` "eager" or "compile"."""
+    if backend not in ("eager", "compile"):
+        raise ValueError(f"backend: expected 'eager' or 'compile', got {backend!r}")
     z = _real("z_loss", z_loss)
     if not (math.isfinite(z) and z >= 0.0):
         raise ValueError(f"z_loss: expected a finite coefficient >= 0, got {z_loss}")

@@ -18,7 +18,10 @@ The drivers put the stages in order:
     ``three_visits``  the unfused vocab-parallel loss: visit 1 (local lse) over all chunks, collective 1,
                       visit 2 (partial sums), collective 2, visit 3 (gradient): two collectives per call.
 
-A new option goes into a stage once and every path has it. Shapes: ``[c]`` per-row tensors are fp32
+With ``backend="compile"`` (``ops/compiled.py``) the same drivers run ``local_lse``, ``partial_sums`` and
+``gradient`` as three fused kernels (``CompiledStages``), each recomputing p from the logits instead of
+keeping it in scratch; the collectives, ``mask_ignored``, ``z_loss`` and the target-column correction
+(``shard_math.finish_terms``) are shared. A new option goes into a stage once and every path has it. Shapes: ``[c]`` per-row tensors are fp32
 (fp64 for fp64 inputs); ``valid`` ``[c]`` bool; ``target_local`` ``[c]`` int64 (global id minus the
 shard's ``vocab_start_index``).
 """
@@ -29,9 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
+from . import compiled
 from .collectives import VocabShard, all_reduce_sum, gather_shard_lse
 from .shard_math import (ChunkTerms, DeceConstants, WorkBuffers, chunk_grad, chunk_terms, combine_logsumexp,
-                         prob_scale, shard_exp_sum)
+                         finish_terms, prob_scale, shard_exp_sum)
 
 
 def check_finite(log_norm: torch.Tensor, row_offset: int = 0) -> None:
@@ -112,6 +116,44 @@ class Stages:
         return g if out is g else out.copy_(g)
 
 
+class CompiledStages:
+    """``local_lse``, ``partial_sums`` and ``gradient`` as fused kernels (``compiled.supported(k)``)."""
+
+    @staticmethod
+    def local_lse(z: torch.Tensor, k: DeceConstants):
+        return compiled.lse_kernel(z, k)
+
+    @staticmethod
+    def partial_sums(z, target_local, shift, log_norm, k: DeceConstants, with_loss: bool = True) -> ChunkTerms:
+        """As ``Stages.partial_sums`` (``terms.p`` / ``terms.ratio`` None: the gradient kernel recomputes them).
+        The target column's p_t, r_t m_t and log q_t come from its logit by the same formula on ``[c]``."""
+        c, v_shard = z.shape
+        row_ok = torch.isfinite(log_norm)
+        in_shard = (target_local >= 0) & (target_local < v_shard) & row_ok
+        col = torch.where(in_shard, target_local, torch.zeros_like(target_local))[:, None]
+        z_t = z.gather(1, col).squeeze(1).to(shift.dtype)
+        if k.logit_softcap is not None:
+            z_t = k.logit_softcap * torch.tanh(z_t / k.logit_softcap)
+        log_p_t = (z_t - shift) - log_norm
+        p_t = log_p_t.exp()
+        pf_t = p_t.clamp_min(k.prob_floor)
+        q_t = k.alpha * pf_t + k.off_target_offset
+        ratio_t = torch.where(p_t >= k.prob_floor, pf_t / q_t, torch.zeros_like(p_t))
+        bulk_log, bulk_ratio = compiled.sums_kernel(z, shift, log_norm, k)
+        return finish_terms(None, None, col, in_shard, row_ok, p_t, log_p_t if with_loss else None,
+                            bulk_log if with_loss else None, bulk_ratio, ratio_t,
+                            q_t.log() if with_loss else None, k)
+
+    @staticmethod
+    def gradient(z, target_local, shift, log_norm, target_fix, w_total, row_coef, k: DeceConstants,
+                 out: torch.Tensor) -> torch.Tensor:
+        """``dloss/dz`` into ``out`` (any float dtype, rounded once): ``chunk_grad``'s
+        ``row_coef * (p W - s r m) + [k = t] row_coef * target_fix`` (``ChunkTerms.target_fix`` ``[c]``)."""
+        # target_fix is 0 where the target is not in the shard, so target_local needs no masking
+        return compiled.grad_kernel(z, shift, log_norm, target_local, row_coef * w_total, -k.off_target * row_coef,
+                                    row_coef * target_fix, k, out)
+
+
 @dataclass
 class ChunkResult:
     per_token: torch.Tensor | None  # [c] loss (reduced over shards), None when not asked
@@ -127,24 +169,48 @@ def one_visit(z: torch.Tensor, target_local: torch.Tensor, valid: torch.Tensor, 
     ``row_coef`` ``[c]``: ``alpha * d total / d loss_i`` (0 on ignored rows); None: no gradient.
     ``grad_out``: ``[c, V_shard]`` buffer of any float dtype for the gradient (default: over p in scratch).
     """
+    if compiled.supported(k):
+        return _one_visit_compiled(z, target_local, valid, k, shard, group, work, row_coef, want_loss, want_log_p,
+                                   grad_out, row_offset)
     zc = Stages.logits(z, k, work)
     m, sum_exp = Stages.local_lse(zc, work)                                  # work.p = exp(z - m)
     shift, log_norm = Stages.global_lse(m, sum_exp, shard, group)
     check_finite(log_norm, row_offset)
     p_scale, masked = Stages.mask_ignored(valid, m, sum_exp, shift, log_norm, group is None)
     terms = Stages.partial_sums(zc, target_local, shift, masked, k, work, with_loss=want_loss, p_scale=p_scale)
-    per_token, w_total, log_p = terms.loss_part, terms.w_part, terms.log_p_t
-    if group is not None:
-        cols = [terms.loss_part, terms.w_part] + ([terms.log_p_t] if want_log_p and want_loss else [])
-        partial = Stages.reduce(cols, group)
-        per_token, w_total = partial[:, 0], partial[:, 1]
-        log_p = partial[:, 2] if len(cols) == 3 else None
+    per_token, w_total, log_p = _reduced(terms, group, want_loss, want_log_p)
     per_token, w_total = Stages.z_loss(per_token if want_loss else None, w_total, shift, log_norm, valid, k)
     grad = None
     if row_coef is not None:
         out = terms.p if grad_out is None else grad_out
         grad = Stages.gradient(terms, w_total, row_coef, k, out, capped=zc if k.logit_softcap else None)
     return ChunkResult(per_token, log_p if want_log_p else None, grad)
+
+
+def _one_visit_compiled(z, target_local, valid, k, shard, group, work, row_coef, want_loss, want_log_p, grad_out,
+                        row_offset) -> ChunkResult:
+    """``one_visit`` with ``CompiledStages`` (three reads of ``z``, no scratch between them)."""
+    m, sum_exp = CompiledStages.local_lse(z, k)
+    shift, log_norm = Stages.global_lse(m, sum_exp, shard, group)
+    check_finite(log_norm, row_offset)
+    _, masked = Stages.mask_ignored(valid, m, sum_exp, shift, log_norm, group is None)
+    terms = CompiledStages.partial_sums(z, target_local, shift, masked, k, with_loss=want_loss)
+    per_token, w_total, log_p = _reduced(terms, group, want_loss, want_log_p)
+    per_token, w_total = Stages.z_loss(per_token if want_loss else None, w_total, shift, log_norm, valid, k)
+    grad = None
+    if row_coef is not None:
+        out = work.p(z.shape[0]) if grad_out is None else grad_out
+        grad = CompiledStages.gradient(z, target_local, shift, masked, terms.target_fix, w_total, row_coef, k, out)
+    return ChunkResult(per_token, log_p if want_log_p else None, grad)
+
+
+def _reduced(terms: ChunkTerms, group, want_loss: bool, want_log_p: bool):
+    """Per-row loss, W and log p_t summed over the shards (collective 2; as they are for a group of one)."""
+    if group is None:
+        return terms.loss_part, terms.w_part, terms.log_p_t
+    cols = [terms.loss_part, terms.w_part] + ([terms.log_p_t] if want_log_p and want_loss else [])
+    partial = Stages.reduce(cols, group)
+    return partial[:, 0], partial[:, 1], partial[:, 2] if len(cols) == 3 else None
 
 
 def three_visits(logits: torch.Tensor, chunks: list[slice], target_local: torch.Tensor, valid: torch.Tensor,
@@ -158,17 +224,26 @@ def three_visits(logits: torch.Tensor, chunks: list[slice], target_local: torch.
     """
     n_rows, v_real = logits.shape[0], shard.real_size
     dtype, device = work.dtype, logits.device
-    keep_p = grad_in_place and k.logit_softcap is None  # p waits in the gradient buffer between visits
+    fused = compiled.supported(k)   # CompiledStages: each visit one kernel, p recomputed
+    keep_p = grad_in_place and k.logit_softcap is None and not fused  # p waits in the gradient buffer between visits
     shard_sum = torch.empty(n_rows, dtype=dtype, device=device)
     shard_max = torch.empty(n_rows, dtype=dtype, device=device)
     for rows in chunks:                                                            # visit 1
+        if fused:
+            shard_max[rows], shard_sum[rows] = CompiledStages.local_lse(logits[rows, :v_real], k)
+            continue
         zc = Stages.logits(logits[rows, :v_real], k, work)
         shard_max[rows], shard_sum[rows] = Stages.local_lse(zc, work, out=grad[rows] if keep_p else None)
     shift, log_norm = Stages.global_lse(shard_max, shard_sum, shard, group)       # collective 1
     check_finite(log_norm)
     p_scale, masked = Stages.mask_ignored(valid, shard_max, shard_sum, shift, log_norm, False)
-    cols = []
+    cols, target_fixes = [], []
     for rows in chunks:                                                            # visit 2
+        if fused:
+            terms = CompiledStages.partial_sums(logits[rows, :v_real], target_local[rows], shift[rows], masked[rows], k)
+            cols.append([terms.loss_part, terms.w_part] + ([terms.log_p_t] if log_p_out is not None else []))
+            target_fixes.append(terms.target_fix)
+            continue
         zc = Stages.logits(logits[rows, :v_real], k, work)
         terms = Stages.partial_sums(zc, target_local[rows], shift[rows], masked[rows], k, work,
                                     p_out=grad[rows] if keep_p else None,
@@ -182,7 +257,11 @@ def three_visits(logits: torch.Tensor, chunks: list[slice], target_local: torch.
         log_p_out.copy_(partial[:, 2])
     if row_coef is None:
         return per_token
-    for rows in chunks:                                                            # visit 3
+    for i, rows in enumerate(chunks):                                              # visit 3
+        if fused:
+            CompiledStages.gradient(logits[rows, :v_real], target_local[rows], shift[rows], masked[rows],
+                                    target_fixes[i], w_total[rows], row_coef[rows], k, grad[rows, :v_real])
+            continue
         zc = Stages.logits(logits[rows, :v_real], k, work)
         terms = Stages.partial_sums(zc, target_local[rows], shift[rows], masked[rows], k, work, with_loss=False,
                                     p_out=grad[rows] if keep_p else None, p_ready=keep_p)

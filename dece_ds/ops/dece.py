@@ -201,7 +201,7 @@ def scale_in_place(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str
 def run_dece(logits, target, *, alpha, label_smoothing, ignore_index, reduction, prob_floor,
              num_items_in_batch, shard: VocabShard, group, chunk_size=None, logits_name="logits",
              log_p_out: torch.Tensor | None = None, z_loss: float = 0.0, logit_softcap: float | None = None,
-             chunk_budget_bytes: int | None = None):
+             chunk_budget_bytes: int | None = None, backend: str = "eager"):
     """Shared entry of ``dece_loss`` and ``vocab_parallel_dece``: validates, flattens, runs the Function.
 
     ``log_p_out``: optional ``[N]`` fp32 buffer (N = target.numel()) that receives each token's ``log p_t``
@@ -211,7 +211,7 @@ def run_dece(logits, target, *, alpha, label_smoothing, ignore_index, reduction,
         raise ValueError(f"{logits_name}: expected [..., V], got a 0-dim tensor")
     check_target(target, tuple(logits.shape[:-1]), logits.device, logits_name)
     check_loss_args(alpha, label_smoothing, reduction, prob_floor, num_items_in_batch, chunk_size)
-    check_logit_options(z_loss, logit_softcap, chunk_budget_bytes)
+    check_logit_options(z_loss, logit_softcap, chunk_budget_bytes, backend)
     if shard.global_vocab_size < 1:
         raise ValueError(f"global_vocab_size: expected >= 1, got {shard.global_vocab_size}")
 
@@ -222,19 +222,19 @@ def run_dece(logits, target, *, alpha, label_smoothing, ignore_index, reduction,
         z = z.contiguous()
     if debug_enabled():
         debug_check_same_inputs(t, z.shape[0], shard, group)
-    k = make_constants(alpha, label_smoothing, prob_floor, shard.global_vocab_size, z_loss, logit_softcap)
+    k = make_constants(alpha, label_smoothing, prob_floor, shard.global_vocab_size, z_loss, logit_softcap, backend)
     check_log_p_out(log_p_out, t.shape[0], z.device)
     rows = chunk_rows_for(z.shape[0], shard.real_size, fused=False, dtype=z.dtype, budget_bytes=chunk_budget_bytes,
-                          chunk_size=chunk_size, logit_softcap=logit_softcap is not None)
+                          chunk_size=chunk_size, logit_softcap=logit_softcap is not None, backend=backend)
     loss = DeceFunction.apply(z, t, valid, k, shard, group, reduction, num_items_in_batch, rows, log_p_out)
     return loss.reshape(out_shape) if reduction == "none" else loss
 
 
 def make_constants(alpha, label_smoothing, prob_floor, vocab_size: int, z_loss=0.0,
-                   logit_softcap=None) -> DeceConstants:
+                   logit_softcap=None, backend: str = "eager") -> DeceConstants:
     """The call's scalars as floats (checked before by ``check_loss_args`` / ``check_logit_options``)."""
     return DeceConstants(float(alpha), float(label_smoothing), float(prob_floor), vocab_size, float(z_loss),
-                         None if logit_softcap is None else float(logit_softcap))
+                         None if logit_softcap is None else float(logit_softcap), backend)
 
 
 def check_log_p_out(log_p_out: torch.Tensor | None, n_rows: int, device: torch.device) -> None:
@@ -252,7 +252,7 @@ def dece_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float, label
               ignore_index: int = -100, reduction: str = "mean", prob_floor: float = 1e-7,
               num_items_in_batch=None, chunk_size: int | None = None,
               log_p_out: torch.Tensor | None = None, z_loss: float = 0.0, logit_softcap: float | None = None,
-              chunk_budget_bytes: int | None = None) -> torch.Tensor:
+              chunk_budget_bytes: int | None = None, backend: str = "eager") -> torch.Tensor:
     """DeCE loss on full logits.
 
     Args:
@@ -274,6 +274,8 @@ def dece_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float, label
             (Gemma-2's final soft-capping); the gradient flows through the tanh.
         chunk_budget_bytes: bytes of ``[chunk, V]`` scratch that set the rows per chunk
             (``dece_ds.ops.chunk_budget``; default 16 MiB); ``chunk_size`` wins when given.
+        backend: "eager" (torch ops per stage) or "compile" (each stage one fused kernel through
+            ``torch.compile``, ``dece_ds.ops.compiled``; the first call compiles, for a few seconds to a minute).
 
     Returns: fp32 scalar, or ``[...]`` per-token losses for ``reduction="none"``.
 
@@ -287,4 +289,4 @@ def dece_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float, label
     return run_dece(logits, target, alpha=alpha, label_smoothing=label_smoothing, ignore_index=ignore_index,
                     reduction=reduction, prob_floor=prob_floor, num_items_in_batch=num_items_in_batch,
                     shard=shard, group=None, chunk_size=chunk_size, log_p_out=log_p_out, z_loss=z_loss,
-                    logit_softcap=logit_softcap, chunk_budget_bytes=chunk_budget_bytes)
+                    logit_softcap=logit_softcap, chunk_budget_bytes=chunk_budget_bytes, backend=backend)

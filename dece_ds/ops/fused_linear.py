@@ -193,7 +193,8 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
                       tp_group=None, vocab_start_index: int | None = None,
                       global_vocab_size: int | None = None, chunk_size: int | None = None,
                       log_p_out: torch.Tensor | None = None, z_loss: float = 0.0,
-                      logit_softcap: float | None = None, chunk_budget_bytes: int | None = None) -> torch.Tensor:
+                      logit_softcap: float | None = None, chunk_budget_bytes: int | None = None,
+                      backend: str = "eager") -> torch.Tensor:
     """DeCE of ``hidden @ weight.T (+ bias)`` against ``target`` without materialising the logits.
 
     ``log_p_out`` (``[N]`` float32, optional) receives each token's ``log p_t`` (0 on ignored tokens) from
@@ -204,7 +205,7 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
     rank's shard with ``tp_group``), ``bias`` ``[V_shard]`` of weight's dtype, ``target`` ``[...]`` int64.
     ``chunk_size``: tokens per chunk, a positive int; else ``chunk_budget_bytes`` of ``[chunk, V_shard]`` scratch
     set it (``dece_ds.ops.chunk_budget``, default 128 MiB, independent of V). ``z_loss`` and ``logit_softcap``
-    as ``dece_loss`` (the cap applies to ``hidden @ weight.T + bias``). Returns as ``dece_loss``; backward rules as
+    as ``dece_loss`` (the cap applies to ``hidden @ weight.T + bias``); ``backend`` as ``dece_loss``'s. Returns as ``dece_loss``; backward rules as
     ``dece_loss``'s.
     """
     check_float_tensor(hidden, "hidden")
@@ -228,7 +229,7 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
                 raise ValueError(f"{name}: on {t.device}, hidden on {hidden.device}")
         check_target(target, tuple(hidden.shape[:-1]), hidden.device, "hidden")
         check_loss_args(alpha, label_smoothing, reduction, prob_floor, num_items_in_batch, chunk_size)
-        check_logit_options(z_loss, logit_softcap, chunk_budget_bytes)
+        check_logit_options(z_loss, logit_softcap, chunk_budget_bytes, backend)
         shard = resolve_shard(weight.shape[0], tp_group, vocab_start_index, global_vocab_size)
         group = tp_group if shard.world_size > 1 else None
         out_shape = target.shape
@@ -236,10 +237,11 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
         h = hidden.reshape(-1, hidden.shape[-1])
         if debug_enabled():
             debug_check_same_inputs(t, h.shape[0], shard, group)
-        k = make_constants(alpha, label_smoothing, prob_floor, shard.global_vocab_size, z_loss, logit_softcap)
+        k = make_constants(alpha, label_smoothing, prob_floor, shard.global_vocab_size, z_loss, logit_softcap,
+                           backend)
         chunk_rows = chunk_rows_for(h.shape[0], shard.real_size, fused=True, dtype=h.dtype,
                                     budget_bytes=chunk_budget_bytes, chunk_size=chunk_size,
-                                    logit_softcap=logit_softcap is not None)
+                                    logit_softcap=logit_softcap is not None, backend=backend)
         check_log_p_out(log_p_out, h.shape[0], h.device)
         loss = FusedLinearDeceFunction.apply(h, weight, bias, t, valid, k, shard, group, reduction,
                                              num_items_in_batch, chunk_rows, log_p_out)

@@ -35,7 +35,8 @@ import torch
 @dataclass(frozen=True)
 class DeceConstants:
     """Scalars of one loss call. ``vocab_size`` is the global (unpadded) vocabulary size; ``z_loss`` the
-    coefficient of ``lse^2`` per token (0: off); ``logit_softcap`` the cap of ``cap * tanh(z / cap)`` (None: off)."""
+    coefficient of ``lse^2`` per token (0: off); ``logit_softcap`` the cap of ``cap * tanh(z / cap)`` (None: off);
+    ``backend`` "eager" (the stages as torch ops) or "compile" (fused kernels, ``ops/compiled.py``)."""
 
     alpha: float
     label_smoothing: float
@@ -43,6 +44,7 @@ class DeceConstants:
     vocab_size: int
     z_loss: float = 0.0
     logit_softcap: float | None = None
+    backend: str = "eager"
 
     @property
     def off_target(self) -> float:  # s
@@ -85,7 +87,7 @@ class WorkBuffers:
 
     def __init__(self, rows: int, cols: int, device: torch.device, dtype: torch.dtype = torch.float32):
         self.rows, self.cols, self.device, self.dtype = rows, cols, device, dtype
-        self._p = torch.empty(rows, cols, dtype=dtype, device=device)
+        self._p = None   # each buffer is allocated at its first use (the compiled kernels need none)
         self._q = None
         self._r = None
         self._mask = None
@@ -94,20 +96,25 @@ class WorkBuffers:
     def capped(self, c: int) -> torch.Tensor:
         """The soft-capped logits of the chunk (only allocated when soft-capping is on)."""
         if self._capped is None:
-            self._capped = torch.empty_like(self._p)
+            self._capped = self._new()
         return self._capped[:c]
 
+    def _new(self) -> torch.Tensor:
+        return torch.empty(self.rows, self.cols, dtype=self.dtype, device=self.device)
+
     def p(self, c: int) -> torch.Tensor:
+        if self._p is None:
+            self._p = self._new()
         return self._p[:c]
 
     def q(self, c: int) -> torch.Tensor:
         if self._q is None:
-            self._q = torch.empty_like(self._p)
+            self._q = self._new()
         return self._q[:c]
 
     def r(self, c: int) -> torch.Tensor:
         if self._r is None:
-            self._r = torch.empty_like(self._p)
+            self._r = self._new()
         return self._r[:c]
 
     def compute_copy(self, z: torch.Tensor) -> torch.Tensor:
@@ -121,7 +128,7 @@ class WorkBuffers:
 
     def mask(self, c: int) -> torch.Tensor:
         if self._mask is None:
-            self._mask = torch.empty(self._p.shape, dtype=torch.bool, device=self.device)
+            self._mask = torch.empty(self.rows, self.cols, dtype=torch.bool, device=self.device)
         return self._mask[:c]
 
 

@@ -50,7 +50,7 @@ def vocab_parallel_dece(vocab_parallel_logits: torch.Tensor, target: torch.Tenso
                         vocab_start_index: int | None = None, global_vocab_size: int | None = None,
                         chunk_size: int | None = None, log_p_out: torch.Tensor | None = None,
                         z_loss: float = 0.0, logit_softcap: float | None = None,
-                        chunk_budget_bytes: int | None = None) -> torch.Tensor:
+                        chunk_budget_bytes: int | None = None, backend: str = "eager") -> torch.Tensor:
     """DeCE over vocabulary-sharded logits; arguments as ``dece_loss`` plus the shard description.
 
     ``log_p_out`` (``[N]`` float32, optional): every rank receives each token's global ``log p_t`` through
@@ -69,4 +69,4 @@ def vocab_parallel_dece(vocab_parallel_logits: torch.Tensor, target: torch.Tenso
                     num_items_in_batch=num_items_in_batch, shard=shard,
                     group=tp_group if shard.world_size > 1 else None, chunk_size=chunk_size,
                     logits_name="vocab_parallel_logits", log_p_out=log_p_out, z_loss=z_loss,
-                    logit_softcap=logit_softcap, chunk_budget_bytes=chunk_budget_bytes)
+                    logit_softcap=logit_softcap, chunk_budget_bytes=chunk_budget_bytes, backend=backend)
