@@ -58,7 +58,7 @@ def _sums(z, shift, log_norm, f, alpha, off, cap):
 
 def _grad(z, shift, log_norm, target_local, coef_p, coef_r, coef_t, f, alpha, off, cap, out: torch.Tensor):
     zc, p, _, rm = _probs(z, shift, log_norm, f, alpha, off, cap)
-    cols = torch.arange(z.shape[1], device=z.device)
+    cols = torch.arange(z.shape[1], device=z.device, dtype=torch.int32)   # int32: a third of int64's compare cost
     g = coef_p[:, None] * p + coef_r[:, None] * rm
     g = g + torch.where(cols[None, :] == target_local[:, None], coef_t[:, None], torch.zeros_like(g))
     if cap is not None:
@@ -114,6 +114,7 @@ def grad_kernel(z, shift, log_norm, target_local, coef_p, coef_r, coef_t, k: Dec
     ``[c, V_shard]`` (any float dtype), rounded once -> ``out``. ``target_local`` outside ``[0, V_shard)`` adds
     no target term."""
     f, alpha, off, cap = _scalars(k, shift)
+    target_local = target_local.to(torch.int32)   # vocabulary shards are far below 2**31 columns
     _rows_dynamic(z, shift, log_norm, target_local, coef_p, coef_r, coef_t, out)
     _compiled("grad", (z.dtype, out.dtype, cap is not None))(z, shift, log_norm, target_local, coef_p, coef_r,
                                                               coef_t, f, alpha, off, cap, out)
