@@ -10,12 +10,17 @@ from pathlib import Path
 from .common import RESULTS, fmt, load_json, md_table, provenance_line, split_stems
 
 
-def bench_dece(root: Path, arg: str = "") -> str:
-    stem = arg or "dece"
+def _dece_cases(root: Path, stem: str) -> tuple[dict, dict[tuple, dict[str, dict]]]:
+    """A ``bench_dece.py`` file -> (its data, ``{(dtype, N, V): {method: row}}``)."""
     data = load_json(root, RESULTS / f"{stem}.json")
     by_case: dict[tuple, dict[str, dict]] = {}
     for row in data["rows"]:
         by_case.setdefault((row["dtype"], row["N"], row["V"]), {})[row["method"]] = row
+    return data, by_case
+
+
+def bench_dece(root: Path, arg: str = "") -> str:
+    data, by_case = _dece_cases(root, arg or "dece")
     out = []
     for (dtype, n, v), m in by_case.items():
         def t(method):
@@ -36,10 +41,7 @@ def bench_dece(root: Path, arg: str = "") -> str:
 def bench_dece_backends(root: Path, arg: str) -> str:
     """``F.cross_entropy`` against ``dece_loss`` with the eager and the compiled backend, from a ``bench_dece.py
     --methods F.cross_entropy dece_ds "dece_ds(compile)"`` file (``arg``: its stem)."""
-    data = load_json(root, RESULTS / f"{arg}.json")
-    by_case: dict[tuple, dict[str, dict]] = {}
-    for row in data["rows"]:
-        by_case.setdefault((row["dtype"], row["N"], row["V"]), {})[row["method"]] = row
+    data, by_case = _dece_cases(root, arg)
     out = []
     for (dtype, n, v), m in by_case.items():
         def t(method):
