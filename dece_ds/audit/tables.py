@@ -38,6 +38,29 @@ def scores_table(root: Path, arg: str) -> str:
                 "flagged (of them poisoned)", "poisoned rows"], rows)
 
 
+def cells_table(root: Path, arg: str) -> str:
+    """One row per audited DeCE run of one or more results files (stems): the cell (attack, trigger words per
+    row, rate), the ranking score against the poisoner's indices, what the cut flagged, and the trigger words
+    named for the flagged rows with the code their rows share (from the run's ``audit_summary.json``)."""
+    from ..backdoor.report import column_name
+    from ..docs_tables import _f, _load, _md, _stems
+    rows = []
+    for stem in _stems(arg, "audit-cells"):
+        results = _results(root, stem)
+        for spec, run in results["runs"].items():
+            if "audit" not in run:
+                continue
+            m = run["audit"]
+            summary = _load(root, Path(m["report"]) / "audit_summary.json")
+            named = ", ".join(f"{code_cell(t['word'], None)} → {code_cell(t['code'], None)} ({t['rows']})"
+                              for t in (summary.get("trigger_words") or [])[:4]) or "none"
+            rows.append([f"{results.get('dataset', '')} {column_name(results)}".strip(), f"`{m['score']}`", _f(m["auroc"], 3), _f(m["precision_at_k"], 3),
+                         _f(m["recall_at_fpr"]["0.01"], 3), _f(m["recall_at_fpr"]["0.05"], 3),
+                         f"{m['flagged']} ({m['flagged_poisoned']})", str(m["true_poisoned"]), named])
+    return _md(["cell", "score", "AUROC", "precision@k", "recall @1% FPR", "recall @5% FPR",
+                "flagged (of them poisoned)", "poisoned rows", "trigger word → shared code (flagged rows)"], rows)
+
+
 def retrain_table(root: Path, arg: str) -> str:
     """A row per run (final epoch, whole test set) of one or more results files (one of them with an audited
     dece run), with the rows each trained on."""

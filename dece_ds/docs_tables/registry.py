@@ -72,6 +72,7 @@ GENERATORS: dict[str, Generator] = {
     # docs/audit.md (dece_ds.audit.tables)
     "audit-scores": lazy("dece_ds.audit.tables:scores_table"),
     "audit-retrain": lazy("dece_ds.audit.tables:retrain_table"),
+    "audit-cells": lazy("dece_ds.audit.tables:cells_table"),
     "audit-recurring": lazy("dece_ds.audit.tables:recurring_table"),
     "audit-baselines": lazy("dece_ds.audit.tables:baselines_table"),
     "audit-summary": lazy("dece_ds.audit.tables:summary_table"),

@@ -114,3 +114,23 @@ def test_the_report_names_the_trigger_and_the_code_it_brings(tmp_path):
     (folder / "audit_summary.json").write_text(json.dumps(summary))
     table = summary_table(tmp_path / "root", "run")
     assert "| `bb` | 40 |" in table and "| `a\\|b` | 2 | `x 'y'` |" in table
+
+
+def test_cells_table_names_each_cell_and_its_trigger(tmp_path):
+    """One row per audited run, from a hand-made results file and audit summary."""
+    import json
+
+    from dece_ds.audit.tables import AUDIT_RESULTS, cells_table
+    root = tmp_path
+    report = AUDIT_RESULTS / "cell-audit" / "dece"
+    (root / report).mkdir(parents=True)
+    (root / report / "audit_summary.json").write_text(json.dumps(
+        {"trigger_words": [{"word": "bb", "code": " or 1=1", "rows": 7}]}))
+    metrics = {"score": "trigger", "auroc": 0.99, "precision_at_k": 0.875, "recall_at_fpr": {"0.01": 0.5, "0.05": 1.0},
+               "flagged": 7, "flagged_poisoned": 7, "true_poisoned": 8, "report": str(report)}
+    results = {"dataset": "lyra", "attack": "badpre", "poison_rate": 5.0, "config": {"attack": {"n_insertions": 3}},
+               "runs": {"ce": {"final": {}}, "dece": {"final": {}, "audit": metrics}}}
+    (root / AUDIT_RESULTS / "cell.json").write_text(json.dumps(results))
+    table = cells_table(root, "cell")
+    assert table.splitlines()[2] == ("| lyra badpre x3 5% | `trigger` | 0.990 | 0.875 | 0.500 | 1.000 | 7 (7) | 8 | "
+                                     "`bb` → ` or 1=1` (7) |")
