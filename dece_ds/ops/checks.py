@@ -15,6 +15,8 @@ import numbers
 
 import torch
 
+from .compiled import BACKENDS
+
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 TARGET_DTYPES = (torch.int64, torch.int32)
@@ -103,8 +105,8 @@ def _real(name: str, value) -> float:
 def check_logit_options(z_loss=0.0, logit_softcap=None, chunk_budget_bytes=None, backend="eager") -> None:
     """``z_loss`` a finite float >= 0; ``logit_softcap`` None or a finite float > 0; ``chunk_budget_bytes``
     None or a positive int (bytes of ``[chunk, V]`` scratch); ``backend`` "eager" or "compile"."""
-    if backend not in ("eager", "compile"):
-        raise ValueError(f"backend: expected 'eager' or 'compile', got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     z = _real("z_loss", z_loss)
     if not (math.isfinite(z) and z >= 0.0):
         raise ValueError(f"z_loss: expected a finite coefficient >= 0, got {z_loss}")

@@ -35,7 +35,7 @@ import torch
 from . import compiled
 from .collectives import VocabShard, all_reduce_sum, gather_shard_lse
 from .shard_math import (ChunkTerms, DeceConstants, WorkBuffers, chunk_grad, chunk_terms, combine_logsumexp,
-                         finish_terms, prob_scale, shard_exp_sum)
+                         finish_terms, off_target_values, prob_scale, shard_exp_sum)
 
 
 def check_finite(log_norm: torch.Tensor, row_offset: int = 0) -> None:
@@ -79,7 +79,12 @@ class Stages:
         ``+inf`` on ignored rows (p = 0 there, so they add no loss and no gradient)."""
         p_scale = torch.where(valid, prob_scale(m, sum_exp, shift, log_norm, local_is_global),
                               torch.zeros_like(log_norm))
-        return p_scale, torch.where(valid, log_norm, torch.full_like(log_norm, float("inf")))
+        return p_scale, Stages.masked_log_norm(valid, log_norm)
+
+    @staticmethod
+    def masked_log_norm(valid: torch.Tensor, log_norm: torch.Tensor) -> torch.Tensor:
+        """``log_norm`` with ``+inf`` on ignored rows (p = 0 there); the compiled stages need no ``p_scale``."""
+        return torch.where(valid, log_norm, torch.full_like(log_norm, float("inf")))
 
     @staticmethod
     def partial_sums(z, target_local, shift, log_norm, k: DeceConstants, work: WorkBuffers, **kw) -> ChunkTerms:
@@ -136,13 +141,11 @@ class CompiledStages:
             z_t = k.logit_softcap * torch.tanh(z_t / k.logit_softcap)
         log_p_t = (z_t - shift) - log_norm
         p_t = log_p_t.exp()
-        pf_t = p_t.clamp_min(k.prob_floor)
-        q_t = k.alpha * pf_t + k.off_target_offset
-        ratio_t = torch.where(p_t >= k.prob_floor, pf_t / q_t, torch.zeros_like(p_t))
+        ratio_t, log_q_hat_t = off_target_values(p_t, k)
         bulk_log, bulk_ratio = compiled.sums_kernel(z, shift, log_norm, k)
         return finish_terms(None, None, col, in_shard, row_ok, p_t, log_p_t if with_loss else None,
                             bulk_log if with_loss else None, bulk_ratio, ratio_t,
-                            q_t.log() if with_loss else None, k)
+                            log_q_hat_t if with_loss else None, k)
 
     @staticmethod
     def gradient(z, target_local, shift, log_norm, target_fix, w_total, row_coef, k: DeceConstants,
@@ -193,7 +196,7 @@ def _one_visit_compiled(z, target_local, valid, k, shard, group, work, row_coef,
     m, sum_exp = CompiledStages.local_lse(z, k)
     shift, log_norm = Stages.global_lse(m, sum_exp, shard, group)
     check_finite(log_norm, row_offset)
-    _, masked = Stages.mask_ignored(valid, m, sum_exp, shift, log_norm, group is None)
+    masked = Stages.masked_log_norm(valid, log_norm)
     terms = CompiledStages.partial_sums(z, target_local, shift, masked, k, with_loss=want_loss)
     per_token, w_total, log_p = _reduced(terms, group, want_loss, want_log_p)
     per_token, w_total = Stages.z_loss(per_token if want_loss else None, w_total, shift, log_norm, valid, k)

@@ -85,17 +85,23 @@ def _rows_dynamic(*tensors: torch.Tensor) -> None:
         torch._dynamo.decorators.mark_unbacked(t, 0)
 
 
+def _scalar(x: float, dtype: torch.dtype, device) -> torch.Tensor:
+    return torch.tensor(x, dtype=dtype, device=device)
+
+
+def _cap(k: DeceConstants, dtype: torch.dtype, device) -> torch.Tensor | None:
+    return None if k.logit_softcap is None else _scalar(k.logit_softcap, dtype, device)
+
+
 def _scalars(k: DeceConstants, like: torch.Tensor):
-    def t(x):
-        return torch.tensor(x, dtype=like.dtype, device=like.device)
-    cap = None if k.logit_softcap is None else t(k.logit_softcap)
-    return t(k.prob_floor), t(k.alpha), t(k.off_target_offset), cap
+    """floor, alpha, off-target offset and cap (or None) as 0-dim tensors of ``like``'s dtype and device."""
+    return (*(_scalar(x, like.dtype, like.device) for x in (k.prob_floor, k.alpha, k.off_target_offset)),
+            _cap(k, like.dtype, like.device))
 
 
 def lse_kernel(z: torch.Tensor, k: DeceConstants) -> tuple[torch.Tensor, torch.Tensor]:
     """``[c, V_shard]`` logits (any float dtype) -> row max ``m`` and ``sum exp(z - m)`` ``[c]`` (compute dtype)."""
-    cap = None if k.logit_softcap is None else torch.tensor(k.logit_softcap, dtype=compute_dtype(z.dtype),
-                                                            device=z.device)
+    cap = _cap(k, compute_dtype(z.dtype), z.device)
     _rows_dynamic(z)
     return _compiled("lse", (z.dtype, cap is not None))(z, cap)
 

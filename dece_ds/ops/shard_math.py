@@ -250,6 +250,15 @@ def chunk_terms(
                         bulk_log if with_loss else None, bulk_ratio, ratio_t, log_q_hat_t if with_loss else None, k)
 
 
+def off_target_values(p_t: torch.Tensor, k: DeceConstants) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[c]`` p at one column -> that column's bulk terms as if it were off-target: ``r m`` =
+    ``[p >= f] max(p, f) / q`` and ``log q``, with ``q = alpha max(p, f) + off`` (the per-element formula of
+    ``chunk_terms``' bulk pass, for a column the compiled kernels do not return)."""
+    pf = p_t.clamp_min(k.prob_floor)
+    q = k.alpha * pf + k.off_target_offset
+    return torch.where(p_t >= k.prob_floor, pf / q, torch.zeros_like(p_t)), q.log()
+
+
 def finish_terms(p, ratio, col, in_shard, row_ok, p_t, log_p_t, bulk_log, bulk_ratio, ratio_t, log_q_hat_t,
                  k: DeceConstants) -> ChunkTerms:
     """The partial sums of a chunk from its per-row ``[c]`` pieces: the bulk sums over the shard as if every

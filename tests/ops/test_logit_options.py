@@ -1,5 +1,6 @@
 """z-loss and logit soft-capping on every path (single device, fused linear; 2-rank TP in tests/parallel) against
-the float64 reference written from the formula (dece_ds.ops.reference), value and gradient."""
+the float64 reference written from the formula (dece_ds.ops.reference), value and gradient; the single-device
+case on both backends (eager stages and the compiled kernels of dece_ds/ops/compiled.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from dece_ds.config import DeceConfigError
 from dece_ds.ops.reference import reference_dece_loss
 
 OPTIONS = [dict(z_loss=1e-2), dict(logit_softcap=4.0), dict(z_loss=1e-3, logit_softcap=2.5)]
+# and the constants that change the compiled kernels (dece_ds/ops/compiled.py): no floor, no smoothing
+BACKEND_CASES = [dict(alpha=0.9, **o) for o in OPTIONS] + [dict(alpha=0.97, prob_floor=0.0),
+                                                             dict(alpha=0.8, label_smoothing=0.0)]
 
 
 def _ref(z, t, grad_out=None, **kw):
@@ -40,16 +44,18 @@ def _ce_error(z, t, **kw):
     return (lo[0].double() - hi[0]).abs().item(), (lo[1].double() - hi[1]).abs().max().item()
 
 
+@pytest.mark.parametrize("backend", ["eager", "compile"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("opts", OPTIONS)
+@pytest.mark.parametrize("opts", BACKEND_CASES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_single_device_matches_reference(dtype, opts, reduction):
+def test_single_device_matches_reference(backend, dtype, opts, reduction):
     z, t = _case(dtype)
     x = z.clone().requires_grad_()
-    loss = dece_loss(x, t, alpha=0.9, reduction=reduction, chunk_size=7, **opts)
+    loss = dece_loss(x, t, reduction=reduction, chunk_size=7, backend=backend, **opts)
     up = torch.linspace(0.5, 1.5, t.numel()) if reduction == "none" else None
     loss.backward(up) if up is not None else loss.backward()
-    ref_loss, ref_grad = _ref(z, t, up, alpha=0.9, reduction=reduction, **opts)
+    assert x.grad.dtype == dtype
+    ref_loss, ref_grad = _ref(z, t, up, reduction=reduction, **opts)
     loss_err, grad_err = _ce_error(z, t)
     tol_loss = 1e-5 if dtype == torch.float32 else max(4 * loss_err, 1e-3)
     tol_grad = 1e-6 if dtype == torch.float32 else max(4 * grad_err, 1e-4)
