@@ -40,6 +40,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seq-len", type=_at_least_one, default=4096)
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--activation-checkpointing", action="store_true", help="keep only each layer's input")
+    p.add_argument("--backend", choices=["eager", "compile"], default="eager",
+                   help="the dece section's backend (the loss's scratch per chunk differs)")
+    p.add_argument("--chunk-budget-mib", type=float, default=None,
+                   help="the dece section's chunk_budget_mib (default: 16 unfused, 128 fused)")
+    p.add_argument("--logit-softcap", action="store_true", help="the model soft-caps its logits (Gemma 2 style)")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.add_argument("--json", action="store_true", help="print the plans as JSON")
     p.set_defaults(func=run)
@@ -105,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         inp = PlanInput(world_size=args.world_size, tp=args.tp, zero_stage=args.zero_stage, offload=args.offload,
                         micro_batch=args.micro_batch, seq_len=args.seq_len, dtype=args.dtype,
-                        activation_checkpointing=args.activation_checkpointing)
+                        activation_checkpointing=args.activation_checkpointing, backend=args.backend,
+                        chunk_budget_mib=args.chunk_budget_mib, logit_softcap=args.logit_softcap)
         plans = [plan(resolve_shape(m), inp) for m in args.models]
     except ValueError as e:  # DeceConfigError (an unreadable config.json) is one
         print(f"dece-ds plan: error: {e}", file=sys.stderr)
@@ -115,7 +121,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"Per-GPU memory in GiB; world {inp.world_size}, micro-batch {inp.micro_batch} x seq {inp.seq_len} "
           f"= {inp.tokens} tokens, {inp.dtype}, offload {inp.offload}"
-          f"{', activation checkpointing' if inp.activation_checkpointing else ''}. "
+          f"{', activation checkpointing' if inp.activation_checkpointing else ''}"
+          f"{'' if inp.backend == 'eager' else ', backend ' + inp.backend}"
+          f"{'' if inp.chunk_budget_mib is None else f', chunk budget {inp.chunk_budget_mib:g} MiB'}"
+          f"{', logit soft-cap' if inp.logit_softcap else ''}. "
           "Loss collectives: bytes per rank per micro-batch.")
     print(format_table(plans, markdown=args.markdown))
     print(f"model states: {plans[0].estimator}")

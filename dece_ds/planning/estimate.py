@@ -46,7 +46,9 @@ Logits and loss memory (``V_local = V / tp`` with the vocab-parallel head; logit
                 ``V_local x h`` and the fp32 ``grad_hidden`` ``N x h``
     ``chunk`` and the scratch bytes per element come from ``dece_ds.ops.chunk_budget`` (the ops' own rule):
     rows = budget // (V_local * bytes per element), default budget 16 MiB unfused and 128 MiB fused, so
-    the fused scratch stays near 128 MiB whatever V is (``chunk_budget_mib`` changes it)
+    the fused scratch stays near 128 MiB whatever V is. The ``dece`` section's ``chunk_budget_mib``,
+    ``backend`` ("compile": no fp32 scratch unfused, so the same budget holds more rows) and
+    ``logit_softcap`` (one more fp32 buffer, eager) are ``PlanInput`` fields and ``dece-ds plan`` flags.
 
 Loss collectives per micro-batch (bytes each rank contributes; zero at tp = 1)
     dece (ours, vocab-parallel): all-gather of (N + 2) fp32 (the per-token log-sum-exp and the shard's
@@ -77,6 +79,10 @@ class PlanInput:
     seq_len: int = 4096
     dtype: str = "bf16"
     activation_checkpointing: bool = False
+    # the dece section's loss options that size the loss's scratch (dece_ds.ops.chunk_budget)
+    backend: str = "eager"                     # eager | compile
+    chunk_budget_mib: float | None = None      # None: the ops' defaults (16 MiB unfused, 128 MiB fused)
+    logit_softcap: bool = False                # soft-capping keeps one more fp32 buffer (eager)
 
     def __post_init__(self):
         for name in ("world_size", "tp", "micro_batch", "seq_len"):
@@ -95,6 +101,13 @@ class PlanInput:
             raise ValueError(f"offload: 'cpu' needs zero_stage 2 or 3, got {self.zero_stage}")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype: one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
+        from ..ops.compiled import BACKENDS
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        budget = self.chunk_budget_mib
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not math.isfinite(budget) or budget <= 0):
+            raise ValueError(f"chunk_budget_mib: a finite number > 0 (MiB) or None, got {budget!r}")
 
     @property
     def dp(self) -> int:
@@ -220,22 +233,31 @@ def vocab_local(shape: ModelShape, tp: int) -> int:
     return math.ceil(shape.vocab_size / tp)
 
 
-def chunk_rows(n_tokens: int, v_local: int, fused: bool = False, dtype: str = "fp32") -> int:
-    """Rows per chunk the ops use by default (``dece_ds.ops.chunk_budget.chunk_rows``: the ops' own rule)."""
-    from ..ops.chunk_budget import chunk_rows as rule
-    return rule(n_tokens, v_local, fused=fused, dtype=dtype)
+def chunk_rows(n_tokens: int, v_local: int, fused: bool = False, dtype: str = "fp32",
+               inp: PlanInput | None = None) -> int:
+    """Rows per chunk the ops use (``dece_ds.ops.chunk_budget.chunk_rows``: the ops' own rule), with the loss
+    options of ``inp`` (backend, budget, soft-cap) when given, else the defaults."""
+    from ..ops.chunk_budget import budget_mib_to_bytes, chunk_rows as rule
+    inp = inp or PlanInput(dtype=dtype)
+    return rule(n_tokens, v_local, fused=fused, dtype=dtype, budget_bytes=budget_mib_to_bytes(inp.chunk_budget_mib),
+                logit_softcap=inp.logit_softcap, backend=inp.backend)
+
+
+def _scratch_per_element(inp: PlanInput, fused: bool) -> int:
+    from ..ops.chunk_budget import scratch_bytes_per_element
+    return scratch_bytes_per_element(fused=fused, dtype=inp.dtype, logit_softcap=inp.logit_softcap,
+                                     backend=inp.backend)
 
 
 def loss_memory(shape: ModelShape, inp: PlanInput) -> dict[str, int]:
-    from ..ops.chunk_budget import scratch_bytes_per_element
     N, V, b, h = inp.tokens, vocab_local(shape, inp.tp), DTYPE_BYTES[inp.dtype], shape.hidden_size
-    c, cf = chunk_rows(N, V, dtype=inp.dtype), chunk_rows(N, V, fused=True, dtype=inp.dtype)
+    c, cf = chunk_rows(N, V, dtype=inp.dtype, inp=inp), chunk_rows(N, V, fused=True, dtype=inp.dtype, inp=inp)
     logits = N * V * b
     ce_buffers = 3 if b < 4 else 2
     return {
         "ce": logits + ce_buffers * 4 * N * V,
-        "dece": logits + N * V * b + scratch_bytes_per_element(fused=False, dtype=inp.dtype) * c * V,
-        "fused": scratch_bytes_per_element(fused=True, dtype=inp.dtype) * cf * V + 4 * V * h + 4 * N * h,
+        "dece": logits + N * V * b + _scratch_per_element(inp, fused=False) * c * V,
+        "fused": _scratch_per_element(inp, fused=True) * cf * V + 4 * V * h + 4 * N * h,
     }
 
 
@@ -243,7 +265,7 @@ def loss_collectives(shape: ModelShape, inp: PlanInput) -> dict[str, dict[str, i
     if inp.tp == 1:
         return {k: {"all_gather": 0, "all_reduce": 0, "calls": 0} for k in LOSSES}
     N, b, h = inp.tokens, DTYPE_BYTES[inp.dtype], shape.hidden_size
-    chunks = math.ceil(N / chunk_rows(N, vocab_local(shape, inp.tp), fused=True, dtype=inp.dtype))
+    chunks = math.ceil(N / chunk_rows(N, vocab_local(shape, inp.tp), fused=True, dtype=inp.dtype, inp=inp))
     return {
         "ce": {"all_gather": 0, "all_reduce": 3 * 4 * N, "calls": 3},
         "dece": {"all_gather": 4 * (N + 2), "all_reduce": 4 * 2 * N, "calls": 2},

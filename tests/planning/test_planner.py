@@ -156,6 +156,27 @@ def test_loss_memory_by_hand():
     assert fp32["ce"] == N * V * 4 + 2 * 4 * N * V          # the upcast is free in fp32
 
 
+def test_loss_options_size_the_scratch_by_hand():
+    """backend, chunk_budget_mib and logit_softcap change the rows per chunk and the scratch as the ops allocate."""
+    shape = BUILTIN_SHAPES["codellama-7b"]
+    N, V, h = 4096, 32016, 4096
+    comp = loss_memory(shape, PlanInput(world_size=8, seq_len=N, backend="compile"))
+    c = 16 * 2**20 // (2 * V)                               # 262 rows: only the bf16 chunk of logits
+    assert comp["dece"] == 2 * N * V * 2 + 2 * c * V
+    cf = 128 * 2**20 // ((2 + 4 + 2) * V)                   # 523 rows: bf16 z, fp32 dz and its bf16 cast
+    assert comp["fused"] == 8 * cf * V + 4 * V * h + 4 * N * h
+    small = loss_memory(shape, PlanInput(world_size=8, seq_len=N, chunk_budget_mib=32))
+    cf = 32 * 2**20 // (16 * V)                             # 65 rows
+    assert small["fused"] == 16 * cf * V + 4 * V * h + 4 * N * h
+    capped = loss_memory(shape, PlanInput(world_size=8, seq_len=N, logit_softcap=True))
+    c = 16 * 2**20 // (16 * V)                              # p, q, r and the capped logits, fp32
+    assert capped["dece"] == 2 * N * V * 2 + 16 * c * V
+    with pytest.raises(ValueError, match="backend"):
+        PlanInput(backend="triton")
+    with pytest.raises(ValueError, match="chunk_budget_mib"):
+        PlanInput(chunk_budget_mib=0)
+
+
 def test_loss_collectives_by_hand():
     shape = BUILTIN_SHAPES["qwen2.5-coder-7b"]
     N = 2 * 4096
@@ -183,6 +204,9 @@ def test_cli_table_json_and_errors(tmp_path):
                         "--offload", "cpu", "--micro-batch", "2", "--seq-len", "2048", "--dtype", "fp16", "--json")
     (d,) = json.loads(out)
     assert code == 0 and d["inputs"]["tp"] == 2 and d["total"]["dece"] < d["total"]["ce"]
+    code, out, _ = _cli("plan", "qwen2.5-coder-7b", "--backend", "compile", "--chunk-budget-mib", "64", "--json")
+    (d,) = json.loads(out)
+    assert code == 0 and d["inputs"]["backend"] == "compile" and d["inputs"]["chunk_budget_mib"] == 64
     code, _, err = _cli("plan", "codellama-7b", "--world-size", "8", "--tp", "3")
     assert code == 2 and "tp: must divide" in err
     code, out, _ = _cli("plan", "--list")
