@@ -38,6 +38,14 @@ def load_cached_stand_in(folder: Path, cfg: ExperimentConfig):
     return model, tok
 
 
+def payload_span(tok, clean_tgt: str, poisoned_tgt: str) -> tuple[int | None, int]:
+    """(first target token where the poisoned target departs from the clean one, or None; the number of
+    tokens the poison added)."""
+    clean_ids, poisoned_ids = tok.encode(clean_tgt), tok.encode(poisoned_tgt)
+    start = next((k for k, (a, b) in enumerate(zip(clean_ids, poisoned_ids)) if a != b), None)
+    return start, len(poisoned_ids) - len(clean_ids)
+
+
 def payload_probabilities(results_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """-> (p of the first payload token per poisoned row, p of the other payload tokens)."""
     results = json.loads(results_path.read_text())
@@ -55,9 +63,7 @@ def payload_probabilities(results_path: Path) -> tuple[np.ndarray, np.ndarray]:
     target = batch["labels"][:, 1:]
     first, rest = [], []
     for r, i in enumerate(rows):
-        clean_ids, poisoned_ids = tok.encode(finetune[i]["tgt"]), tok.encode(poisoned[i]["tgt"])
-        start = next((k for k, (a, b) in enumerate(zip(clean_ids, poisoned_ids)) if a != b), None)
-        n_payload = len(poisoned_ids) - len(clean_ids)
+        start, n_payload = payload_span(tok, finetune[i]["tgt"], poisoned[i]["tgt"])
         label_start = int((batch["labels"][r] != IGNORE).long().argmax())  # first target position
         pos = label_start - 1 + (start or 0)
         if start is None or n_payload <= 0 or pos + n_payload > target.shape[1]:

@@ -1,6 +1,7 @@
 """Tables of ``benchmarks/results/backdoor/<stem>.json`` (written by ``dece-ds backdoor run``): a row per run
 (``backdoor-runs``), ASR per epoch (``backdoor-epochs``), several files side by side (``backdoor-combined``),
-CE against DeCE per file (``backdoor-headline``). Each takes ``KIND:STEM[,STEM...]``."""
+CE against DeCE per file (``backdoor-headline``). Each takes ``KIND:STEM[,STEM...]``. ``backdoor-target-probs:STEM``
+prints ``benchmarks/backdoor_target_probs.py``'s JSON (where each alpha rule puts the half-gradient point)."""
 
 from __future__ import annotations
 
@@ -98,3 +99,19 @@ def backdoor_headline(root: Path, arg: str) -> str:
         rows.append([f"{r['dataset']} {column_name(r)}", fmt(ce["asr"], 1), f"**{fmt(dece['asr'], 1)}**",
                      f"{fmt(ce['bleu'])} / {fmt(dece['bleu'])}"])
     return md_table(["attack, poison rate", "ASR % with CE", "ASR % with DeCE", "BLEU: CE / DeCE"], rows)
+
+
+def backdoor_target_probs(root: Path, arg: str) -> str:
+    """Per cell and rule: alpha_base, half-point p_half, share of clean and of payload tokens below it."""
+    rows = []
+    for stem in split_stems(arg, "backdoor-target-probs"):
+        data = load_json(root, BACKDOOR / f"{stem}.json")
+        if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+            raise TableError(f"{BACKDOOR / stem}.json: not a backdoor_target_probs.py file (no 'files')")
+        for cell, figures in data["files"].items():
+            for i, r in enumerate(figures["rules"]):
+                below = "-" if r["payload_below"] is None else f"{100 * r['payload_below']:.1f} %"
+                rows.append([f"`{cell}`" if i == 0 else "", r["rule"], f"{r['alpha_base']:.4f}", f"{r['p_half']:.3g}",
+                             f"{100 * r['clean_below']:.1f} %", below])
+    return md_table(["results file", "rule", "alpha_base", "p_half", "clean tokens below", "payload tokens below"],
+                    rows)
