@@ -1,7 +1,8 @@
 """Tables of ``benchmarks/results/backdoor/<stem>.json`` (written by ``dece-ds backdoor run``): a row per run
 (``backdoor-runs``), ASR per epoch (``backdoor-epochs``), several files side by side (``backdoor-combined``),
 CE against DeCE per file (``backdoor-headline``). Each takes ``KIND:STEM[,STEM...]``. ``backdoor-target-probs:STEM``
-prints ``benchmarks/backdoor_target_probs.py``'s JSON (where each alpha rule puts the half-gradient point)."""
+prints ``benchmarks/backdoor_target_probs.py``'s JSON (where each alpha rule puts the half-gradient point);
+``backdoor-grid:STEM,...`` the trigger x payload grid (``dece-ds backdoor report --grid``)."""
 
 from __future__ import annotations
 
@@ -84,6 +85,12 @@ def backdoor_combined(root: Path, arg: str) -> str:
     """Several results files side by side in the paper's layout (``dece-ds backdoor report``)."""
     from ..backdoor.report import combined_table
     return combined_table([_backdoor(root, s) for s in split_stems(arg, "backdoor-combined")])
+
+
+def backdoor_grid(root: Path, arg: str) -> str:
+    """One row per grid point (trigger, payload): ASR / lift / BLEU per run, then each run's mean and worst ASR."""
+    from ..backdoor.aggregate import grid_table
+    return grid_table([_backdoor(root, s) for s in split_stems(arg, "backdoor-grid")])
 
 
 def backdoor_headline(root: Path, arg: str) -> str:

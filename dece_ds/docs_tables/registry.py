@@ -23,7 +23,7 @@ import importlib
 from pathlib import Path
 from typing import Callable
 
-from .backdoor_tables import (backdoor_combined, backdoor_epochs, backdoor_headline, backdoor_runs,
+from .backdoor_tables import (backdoor_combined, backdoor_epochs, backdoor_grid, backdoor_headline, backdoor_runs,
                               backdoor_target_probs)
 from .bench_tables import (
     bench_dece,
@@ -62,6 +62,7 @@ GENERATORS: dict[str, Generator] = {
     "backdoor-combined": backdoor_combined,
     "backdoor-headline": backdoor_headline,
     "backdoor-target-probs": backdoor_target_probs,
+    "backdoor-grid": backdoor_grid,
     "bench-dece": bench_dece,
     "bench-dece-backends": bench_dece_backends,
     "bench-vocab-parallel": bench_vocab_parallel,
