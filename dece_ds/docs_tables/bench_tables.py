@@ -176,3 +176,21 @@ def plan_table(root: Path, arg: str) -> str:
     return md_table(["model", "params (B)", "tp x dp", "ZeRO", "act. ckpt", "params", "grads", "optim", "activ.",
                      "CE logits+loss", "DeCE logits+loss", "fused DeCE", "total CE", "total DeCE", "total fused"],
                     rows)
+
+
+AUDIT_OVERHEAD_ROWS = {"loss_fwd_bwd_ms": "`dece_loss` forward + backward",
+                       "fused_linear_fwd_bwd_ms": "`fused_linear_dece` forward + backward",
+                       "train_step_ms": "Llama training step (forward, backward, AdamW)"}
+
+
+def audit_overhead(root: Path, arg: str = "") -> str:
+    """``benchmarks/bench_audit_overhead.py``: each timing with the poison audit's recorder off and on."""
+    data = load_json(root, RESULTS / f"{arg or 'audit_overhead'}.json")
+    rows = [[label, fmt(data["median_ms"][k]["off"], 1), fmt(data["median_ms"][k]["on"], 1),
+             f"{data['overhead_pct'][k]:+.1f} %"] for k, label in AUDIT_OVERHEAD_ROWS.items()]
+    sh, it = data["shapes"], data["iterations"]
+    table = md_table(["timing (median)", "audit off (ms)", "audit on (ms)", "overhead"], rows)
+    return table + "\n\n" + provenance_line(
+        data.get("provenance", {}), f"N {sh['tokens']}, V {sh['vocab']}; Llama {sh['layers']} x {sh['hidden']}, "
+                                    f"batch {sh['batch']} x {sh['seq']}; {it['timed_per_setting']} timed runs per "
+                                    f"setting, {it['order']} order")

@@ -26,6 +26,7 @@ from typing import Callable
 from .backdoor_tables import (backdoor_combined, backdoor_epochs, backdoor_grid, backdoor_headline, backdoor_runs,
                               backdoor_target_probs)
 from .bench_tables import (
+    audit_overhead,
     bench_dece,
     bench_dece_backends,
     bench_fused_linear,
@@ -70,6 +71,7 @@ GENERATORS: dict[str, Generator] = {
     "bench-step-time": bench_step_time,
     "bench-vs-torch": bench_vs_torch,
     "planner-validation": planner_validation,
+    "audit-overhead": audit_overhead,
     "plan": plan_table,
     "alpha-targets": alpha_targets,
     # docs/audit.md (dece_ds.audit.tables)
