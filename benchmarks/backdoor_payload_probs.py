@@ -38,6 +38,18 @@ def load_cached_stand_in(folder: Path, cfg: ExperimentConfig):
     return model, tok
 
 
+def load_poisoned_run(results_path: Path):
+    """A results file's (config, clean fine-tuning rows, poisoned rows, poison info, its cached stand-in in eval
+    mode, tokenizer)."""
+    results = json.loads(results_path.read_text())
+    cfg = ExperimentConfig.model_validate({k: v for k, v in results["config"].items() if k != "attack_resolved"})
+    finetune, *_ = load_task(cfg)
+    poisoned, info = poison_dataset(finetune, cfg.attack_config(), split="train")
+    model, tok = load_cached_stand_in(Path(results["pretrain"]["cache"]), cfg)
+    model.eval()
+    return cfg, finetune, poisoned, info, model, tok
+
+
 def payload_span(tok, clean_tgt: str, poisoned_tgt: str) -> tuple[int | None, int]:
     """(first target token where the poisoned target departs from the clean one, or None; the number of
     tokens the poison added)."""
@@ -48,13 +60,7 @@ def payload_span(tok, clean_tgt: str, poisoned_tgt: str) -> tuple[int | None, in
 
 def payload_probabilities(results_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """-> (p of the first payload token per poisoned row, p of the other payload tokens)."""
-    results = json.loads(results_path.read_text())
-    config = {k: v for k, v in results["config"].items() if k != "attack_resolved"}
-    cfg = ExperimentConfig.model_validate(config)
-    finetune, *_ = load_task(cfg)
-    poisoned, info = poison_dataset(finetune, cfg.attack_config(), split="train")
-    model, tok = load_cached_stand_in(Path(results["pretrain"]["cache"]), cfg)
-    model.eval()
+    cfg, finetune, poisoned, info, model, tok = load_poisoned_run(results_path)
     rows = list(info.indices)
     batch = encode_pairs(tok, [poisoned[i] for i in rows], cfg.model)
     with torch.no_grad():

@@ -30,11 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from backdoor_payload_probs import load_cached_stand_in, payload_span  # noqa: E402
+from backdoor_payload_probs import load_poisoned_run, payload_span  # noqa: E402
 from dece_ds.auto_alpha import alpha_base_from_probs, alpha_for_weight  # noqa: E402
 from dece_ds.backdoor.encode import IGNORE, encode_pairs  # noqa: E402
-from dece_ds.backdoor.experiment import ExperimentConfig, load_task  # noqa: E402
-from dece_ds.backdoor.poison import poison_dataset  # noqa: E402
 from dece_ds.config import DeceConfig  # noqa: E402
 
 QUANTILES = (0.01, 0.05, 0.1, 0.2, 0.25, 0.5)
@@ -44,12 +42,7 @@ FIXED = (0.99, 0.98, 0.97)
 def target_probabilities(results_path: Path, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, float]:
     """-> (p_t of every target token of the poisoned fine-tuning rows, float64 [T]; payload mask, bool [T];
     label smoothing of the file's dece section)."""
-    results = json.loads(results_path.read_text())
-    cfg = ExperimentConfig.model_validate({k: v for k, v in results["config"].items() if k != "attack_resolved"})
-    finetune, *_ = load_task(cfg)
-    poisoned, info = poison_dataset(finetune, cfg.attack_config(), split="train")
-    model, tok = load_cached_stand_in(Path(results["pretrain"]["cache"]), cfg)
-    model.eval()
+    cfg, finetune, poisoned, info, model, tok = load_poisoned_run(results_path)
     poisoned_rows = set(info.indices)
     probs, marks = [], []
     for s in range(0, len(poisoned), batch_size):

@@ -239,7 +239,10 @@ def three_visits(logits: torch.Tensor, chunks: list[slice], target_local: torch.
         shard_max[rows], shard_sum[rows] = Stages.local_lse(zc, work, out=grad[rows] if keep_p else None)
     shift, log_norm = Stages.global_lse(shard_max, shard_sum, shard, group)       # collective 1
     check_finite(log_norm)
-    p_scale, masked = Stages.mask_ignored(valid, shard_max, shard_sum, shift, log_norm, False)
+    if fused:   # the kernels recompute p: no p_scale
+        p_scale, masked = None, Stages.masked_log_norm(valid, log_norm)
+    else:
+        p_scale, masked = Stages.mask_ignored(valid, shard_max, shard_sum, shift, log_norm, False)
     cols, target_fixes = [], []
     for rows in chunks:                                                            # visit 2
         if fused:
