@@ -1,10 +1,11 @@
 """The LM head + loss against torch's own fused linear cross-entropy: forward+backward time and peak
-extra memory of four methods on the same ``hidden [N, H]``, ``weight [V, H]``, ``target [N]``:
+extra memory of five methods on the same ``hidden [N, H]``, ``weight [V, H]``, ``target [N]``:
 
     fused_linear_dece              DeCE, alpha 0.99, label smoothing 0.05 (the defaults of a DeCE run)
     fused_linear_dece(alpha=1)     alpha 1, label smoothing 0, prob_floor 0: plain cross-entropy
     torch chunked                  F.linear_cross_entropy(..., options=LinearCrossEntropyOptions()), plain CE
     lm_head+F.cross_entropy        F.cross_entropy(hidden @ weight.T, target), plain CE, full logits
+    three matmuls alone            the logits matmul and the two gradient matmuls, nothing else: a floor
 
     .venv/bin/python benchmarks/bench_vs_torch.py --quick         # smoke grid, seconds -> results/vs_torch_quick.json
     .venv/bin/python benchmarks/bench_vs_torch.py --threads 2     # N {4096, 8192} x H {1024, 2048} x
@@ -19,19 +20,15 @@ allocator's peak). Ratios are against torch's chunked path; the goal for ``fused
 exceeds ``--max-mem-gib`` is skipped and marked in the table (lm_head+F.cross_entropy at N=8192,
 V=151936 in fp32 holds ~5 GB of logits and several more of softmax and gradients).
 
-Run time of the full grid (estimated, not measured): about 1.5 to 3 hours at ``--threads 2 --repeats 2``
-on a quiet 2-core Xeon (AMX), 2 to 4.5 hours at one thread. Basis: the cell N=4096, H=1024, V=32000
-(both dtypes, ``--repeats 1 --threads 1``: 2 runs per method) took 201 s of CPU time (523 s wall at load
-average 7-10); the GEMMs dominate, so each cell scales with N*H*V (the grid is 51.7 such cells per method
-and dtype, 23.2 for the fp32 lm_head+F.cross_entropy, whose two N=8192, V=151936 cells are skipped),
-times 3/2 for warm-up + 2 repeats, over ~1.7 for two threads. The low end takes the 1-thread speed of
-the quiet ``bench_fused_linear.py --quick`` run (docs/benchmarks.md), about twice the speed that CPU
-time on the loaded machine suggests. ``--dtype float32`` is ~55 % of the total, ``bfloat16`` ~45 %.
+Run time, measured on a quiet 2-core Xeon (AMX) with ``--threads 2 --repeats 1``: the N = 4096 half of the
+grid (8 cells, 5 methods) took 40 minutes; N = 8192 doubles every matmul and chunk count, so about 80 more.
+Measure it in parts with ``--update`` (``--n 8192 --update`` keeps the N = 4096 cells of the file).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -44,13 +41,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (REPO, ensure_mmap_threshold, print_table, provenance,  # noqa: E402
                                run_isolated, write_json)
 from dece_ds import fused_linear_dece  # noqa: E402
+from dece_ds.ops import chunk_budget  # noqa: E402
 
 ALPHA, EPS = 0.99, 0.05
 TORCH = "torch chunked linear_cross_entropy"
 OURS = ("fused_linear_dece", "fused_linear_dece(alpha=1)")
+FLOOR = "three matmuls alone"
 GOAL_TIME, GOAL_MEM = 0.75, 1.0
 IGNORE_EVERY = 10  # every 10th target is ignore_index (-100)
 QUICK = dict(n=[512], h=[128], v=[8192])
+FULL_GRID = dict(n=[4096, 8192], h=[1024, 2048], v=[32000, 151936], dtype=["float32", "bfloat16"])
 
 
 def has_torch_chunked() -> bool:
@@ -67,7 +67,25 @@ def methods() -> dict:
     out["fused_linear_dece(alpha=1)"] = lambda h, w, t: fused_linear_dece(h, w, t, alpha=1.0, label_smoothing=0.0,
                                                                           prob_floor=0.0)
     out["lm_head+F.cross_entropy"] = lambda h, w, t: F.cross_entropy(h @ w.T, t, ignore_index=-100)
+    out[FLOOR] = lambda h, w, t: ThreeMatmuls.apply(h, w)
     return out
+
+
+class ThreeMatmuls(torch.autograd.Function):
+    """The three matmuls every LM head + loss does (logits ``h @ w.T``, ``grad_h = g @ w``, ``grad_w = g.T @ h``)
+    at full size and nothing else (the logits stand in for their gradient): a floor under every method's time
+    in the cell. Chunked methods split these matmuls into smaller, slower ones."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight):
+        logits = hidden @ weight.T
+        ctx.save_for_backward(hidden, weight, logits)
+        return logits.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        hidden, weight, g = ctx.saved_tensors
+        return g @ weight, g.T @ hidden
 
 
 def estimated_total_gib(name: str, n: int, h: int, v: int, dtype: torch.dtype) -> float:
@@ -76,11 +94,12 @@ def estimated_total_gib(name: str, n: int, h: int, v: int, dtype: torch.dtype) -
     inputs_and_grads = 2 * (n + v) * h * s
     if name == "lm_head+F.cross_entropy":
         scratch = 4 * n * v * s                                   # logits, log-softmax, their gradients
+    elif name == FLOOR:
+        scratch = n * v * s                                       # the logits, standing in for their gradient
     elif name == TORCH:
         scratch = v * h * 4 + 8 * n * h * 4                       # fp32 weight-grad accumulator, chunk ~ N x H
     else:
-        rows = min(n, max(256, (1 << 24) // v))                   # ops/fused_linear.default_fused_chunk_rows
-        scratch = v * h * 4 + n * h * 4 + 5 * rows * v * 4       # fp32 grad accumulators, [rows, V] buffers
+        scratch = v * h * 4 + n * h * 4 + chunk_budget.DEFAULT_BUDGET_BYTES["fused"]  # fp32 grad accumulators
     return (inputs_and_grads + scratch) / 2**30
 
 
@@ -121,16 +140,19 @@ COLUMNS = ["dtype", "N", "H", "V", "method", "time_ms", "time_vs_torch", "peak_e
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke grid N=512, H=128, V=8192 (seconds)")
-    ap.add_argument("--n", type=int, nargs="+", default=[4096, 8192])
-    ap.add_argument("--h", type=int, nargs="+", default=[1024, 2048])
-    ap.add_argument("--v", type=int, nargs="+", default=[32000, 151936])
-    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--n", type=int, nargs="+", default=FULL_GRID["n"])
+    ap.add_argument("--h", type=int, nargs="+", default=FULL_GRID["h"])
+    ap.add_argument("--v", type=int, nargs="+", default=FULL_GRID["v"])
+    ap.add_argument("--dtype", nargs="+", default=FULL_GRID["dtype"], choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per method and cell (median)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each child")
     ap.add_argument("--max-mem-gib", type=float, default=18.0,
                     help="skip a method whose estimated footprint exceeds this (host RAM on CPU)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--update", action="store_true",
+                    help="keep the other cells of the results file at --out and replace only the cells measured now "
+                         "(a long grid measured in parts; each row keeps when and how it was measured)")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.h, args.v = QUICK["n"], QUICK["h"], QUICK["v"]
@@ -147,6 +169,7 @@ def main(argv=None) -> int:
         print(f"torch {torch.__version__} has no F.linear_cross_entropy with LinearCrossEntropyOptions: "
               "the ratio and goal columns stay empty", flush=True)
     t_start = time.perf_counter()
+    kept = previous_rows(out) if args.update else []
     rows = []
     for dtype_name in args.dtype:
         dtype = getattr(torch, dtype_name)
@@ -166,17 +189,74 @@ def main(argv=None) -> int:
                                 res["note"] = res.pop("error")
                         cell.append({"dtype": dtype_name, "N": n, "H": h_dim, "V": v, "method": name, **res})
                     add_ratios(cell)
+                    measured = cell_provenance(args)
+                    for r in cell:
+                        r["measured"] = measured
                     rows += cell
                     print_table(cell, COLUMNS)
                     print(flush=True)
+                    write_results(out, args, merge_rows(kept, rows), time.perf_counter() - t_start, final=False)
     total_s = time.perf_counter() - t_start
     print(f"all cells: {len(rows)} rows, {total_s:.1f} s wall\n")
-    table = print_table(rows, COLUMNS)
+    write_results(out, args, merge_rows(kept, rows), total_s, final=True)
+    return 0
+
+
+def cell_provenance(args) -> dict:
+    """When and how one cell was measured: its rows keep it when ``--update`` merges runs of several days."""
+    prov = provenance()
+    return {"date": prov.get("date"), "git_sha": prov.get("git_sha"), "dece_ds_dirty": prov.get("dece_ds_dirty"),
+            "load_average_1m": prov.get("load_average_1m"), "threads": args.threads, "repeats": args.repeats,
+            "warmup": args.warmup}
+
+
+def previous_rows(out: Path) -> list[dict]:
+    """The rows of an earlier results file at ``out`` (``--update``); none when there is no file."""
+    if not out.exists():
+        return []
+    data = json.loads(out.read_text())
+    rows = data.get("rows")
+    if not isinstance(rows, list):
+        raise SystemExit(f"--update: {out} has no 'rows' list; expected a bench_vs_torch.py results file")
+    prov = data.get("provenance", {})
+    earlier = {"date": prov.get("date"), "git_sha": prov.get("git_sha"), "dece_ds_dirty": prov.get("dece_ds_dirty"),
+               "load_average_1m": prov.get("load_average_1m"), "threads": data.get("threads"),
+               "repeats": data.get("repeats"), "warmup": data.get("warmup")}
+    return [r if "measured" in r else {**r, "measured": earlier} for r in rows]
+
+
+def _cell(r: dict) -> tuple:
+    return r["dtype"], r["N"], r["H"], r["V"]
+
+
+def merge_rows(kept: list[dict], new: list[dict]) -> list[dict]:
+    """``kept`` without the cells ``new`` measured again, plus ``new``; in grid order (dtype, N, H, V, method)."""
+    again = {_cell(r) for r in new}
+    order = {name: i for i, name in enumerate(methods())}
+    dtypes = {"float32": 0, "bfloat16": 1}
+    merged = [r for r in kept if _cell(r) not in again] + new
+    return sorted(merged, key=lambda r: (dtypes.get(r["dtype"], 9), r["N"], r["H"], r["V"],
+                                         order.get(r["method"], 99)))
+
+
+def missing_cells(rows: list[dict], grid: dict) -> list[list]:
+    """Cells of ``grid`` (``n``, ``h``, ``v``, ``dtype`` lists) with no row in ``rows``."""
+    have = {_cell(r) for r in rows}
+    return [[d, n, h, v] for d in grid["dtype"] for n in grid["n"] for h in grid["h"] for v in grid["v"]
+            if (d, n, h, v) not in have]
+
+
+def write_results(out: Path, args, rows: list[dict], total_s: float, *, final: bool) -> None:
+    """The JSON after every cell, so a long grid that is stopped keeps the cells it measured. ``missing`` lists
+    the cells of the full grid (``--quick``: the smoke grid) that no run has measured yet."""
+    grid = dict(QUICK, dtype=["float32", "bfloat16"]) if args.quick else FULL_GRID
+    missing = missing_cells(rows, grid)
+    table = print_table(rows, COLUMNS) if final else None
     write_json(out, {"provenance": provenance(), "alpha": ALPHA, "label_smoothing": EPS, "repeats": args.repeats,
                      "warmup": args.warmup, "threads": args.threads, "ignore_every": IGNORE_EVERY,
                      "goal": {"time_vs_torch_max": GOAL_TIME, "mem_vs_torch_max": GOAL_MEM},
-                     "total_wall_s": total_s, "rows": rows, "table": table})
-    return 0
+                     "complete": not missing, "missing": missing, "total_wall_s": total_s, "rows": rows,
+                     "table": table})
 
 
 if __name__ == "__main__":

@@ -13,26 +13,21 @@ instructions are known and ``recurrence`` otherwise):
   ``max_g df(g) * persistence(r, g)`` over its refused trigrams, ``persistence`` = the fraction of the
   row's epochs in which ``g`` is refused. A payload recurs across the poisoned rows and DeCE keeps
   refusing it every epoch; a clean row's hard tokens differ from row to row.
-- ``trigger``: DeCE's blind spot is a payload made of *expected* tokens (never refused). From the trigger
-  side: for each instruction word ``x`` in at least ``min_support`` rows and at most half of them, the
-  code 4-gram (target ids) most over-represented in the rows with ``x``: ``lift = frac_in - frac_out``;
-  ``trigger(r) = max over x in r of lift * log(1 + |rows with x|) * deletable(x) * spread(x)``.
-  ``deletable``: the fraction of ``x``'s occurrences whose neighbours ``(a, b)`` (``x`` and its repeats
-  removed) stand side by side in some instruction: an inserted word leaves ordinary text behind.
-  ``spread``: distinct ``(a, b)`` contexts per occurrence: an inserted word sits anywhere, a natural one
-  keeps its phrases ("all columns in"). Without the last two, templated data (Lyra) ranks natural words
-  whose rows share code ("columns" -> ``select *``) above the trigger. Needs the instructions.
+- ``trigger`` (``trigger.py``): DeCE's blind spot is a payload made of *expected* tokens (never refused).
+  From the trigger side: a rare instruction word whose rows share a code n-gram the other rows lack, and
+  which looks planted: an inserted word (take it out and ordinary text remains; it sits anywhere), or a
+  fixed phrase whose shared code the model has not learned. Needs the instructions.
 - ``persistence``: fraction of epochs with any refused token; ``max_nll``: the largest ``-log p_t`` in
   the last epoch; ``refusal``: mean ``1 - w`` over the row's tokens in the last epoch.
 
-The cut is in ``cut.py``, the metrics against known poison in ``metrics.py`` (both re-exported here).
+The cut is in ``cut.py``, the metrics against known poison in ``metrics.py``, ``trigger_scores`` in ``trigger.py``
+(all re-exported here).
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -41,12 +36,10 @@ import numpy as np
 from .cut import GAP_FLOOR, GAP_MIN, GAP_RATIO, cut  # noqa: F401 (re-exported)
 from .metrics import auroc, label_metrics, precision_at_k, recall_at_fpr  # noqa: F401 (re-exported)
 from .recorder import AuditRecord, AuditRecordError
+from .trigger import insertion_evidence, trigger_scores  # noqa: F401 (re-exported)
 
 SCORES = ("recurrence", "trigger", "persistence", "max_nll", "refusal")
 AUTO = "auto"   # trigger when the instructions are known (it ranked best where measured, docs/audit.md), else recurrence
-_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\S")   # an instruction's words and punctuation, for contexts
-_BOS, _EOS = "\x02", "\x03"
 
 
 def refusal_threshold(alpha: float, label_smoothing: float) -> float:
@@ -84,7 +77,7 @@ def refused_spans(tok: Sequence[int], refused: np.ndarray, gap: int = 1) -> list
 
 
 def score_rows(record: AuditRecord, instructions: Mapping[int, str] | None = None,
-               min_support: int = 3) -> list[RowScore]:
+               min_support: int = 3, decode: Callable[[list[int]], str] | None = None) -> list[RowScore]:
     """Every row of the record scored (see the module docstring); order: the record's row ids."""
     h = record.header
     eps, floor = float(h["label_smoothing"]), float(h["prob_floor"])
@@ -126,72 +119,12 @@ def score_rows(record: AuditRecord, instructions: Mapping[int, str] | None = Non
     for r in rows:
         g = refused_grams[r]
         out[r].scores["recurrence"] = max((df[k] * c / max(1, n_epochs[r]) for k, c in g.items()), default=0.0)
-    trig = trigger_scores(record, instructions, min_support) if instructions else {}
+    trig = trigger_scores(record, instructions, min_support, decode=decode) if instructions else {}
     for r in rows:
         s, word, code = trig.get(r, (0.0, None, None))
         out[r].scores["trigger"] = s
         out[r].trigger_word, out[r].trigger_code = word, code
     return [out[r] for r in rows]
-
-
-def trigger_scores(record: AuditRecord, instructions: Mapping[int, str],
-                   min_support: int = 3, n: int = 4) -> dict[int, tuple[float, str, tuple[int, ...]]]:
-    """``row -> (trigger score, the word, the code n-gram its rows share)`` (module docstring): rare instruction
-    words that look inserted and whose rows share a code n-gram the other rows lack."""
-    rows = record.rows
-    grams: dict[int, set] = {}
-    for r in rows:
-        t = record.visits[r][max(record.visits[r])].tok
-        grams[r] = {tuple(t[i:i + n]) for i in range(max(0, len(t) - n + 1))}
-    df: Counter = Counter()
-    for g in grams.values():
-        df.update(g)
-    texts = {r: [_BOS, *_TOKEN.findall(instructions.get(r, "") or ""), _EOS] for r in rows}
-    adjacent: Counter = Counter()            # token pair -> instructions in which it stands side by side
-    occurrences: dict[str, list[tuple[int, int]]] = defaultdict(list)
-    for r, text in texts.items():
-        adjacent.update(set(zip(text, text[1:])))
-        for i, token in enumerate(text[1:-1], start=1):
-            if _WORD.fullmatch(token):
-                occurrences[token].append((r, i))
-    n_rows = len(rows)
-    best: dict[int, tuple[float, str, tuple[int, ...]]] = {}
-    for word, occ in sorted(occurrences.items()):   # sorted: ties name the same word every run
-        members = sorted({r for r, _ in occ})
-        k = len(members)
-        if k < min_support or k > n_rows // 2:
-            continue
-        inside: Counter = Counter()
-        for r in members:
-            inside.update(grams[r])
-        lift, code = max((((c / k) - (df[g] - c) / max(1, n_rows - k), g) for g, c in inside.items()),
-                         default=(0.0, ()))
-        deletable, spread = insertion_evidence(word, occ, texts, adjacent)
-        s = lift * math.log1p(k) * deletable * spread
-        for r in members:
-            if s > best.get(r, (-1.0,))[0]:
-                best[r] = (s, word, code)
-    return best
-
-
-def insertion_evidence(word: str, occurrences: Sequence[tuple[int, int]], texts: Mapping[int, list[str]],
-                       adjacent: Counter) -> tuple[float, float]:
-    """``(deletable, spread)`` of ``word`` (module docstring) from its ``(row, index)`` occurrences in the
-    tokenised instructions ``texts`` and the instruction counts of adjacent token pairs. A run of repeats
-    counts once, at its first token."""
-    contexts = []
-    for r, i in occurrences:
-        text = texts[r]
-        if text[i - 1] == word:
-            continue
-        j = i + 1
-        while text[j] == word and j < len(text) - 1:
-            j += 1
-        contexts.append((text[i - 1], text[j]))
-    if not contexts:
-        return 0.0, 0.0
-    deletable = sum(adjacent[c] > 0 for c in contexts) / len(contexts)
-    return deletable, len(set(contexts)) / len(contexts)
 
 
 # ---- the audit as a whole ---------------------------------------------------------------------------------
@@ -222,7 +155,7 @@ def run_audit(record: AuditRecord, *, instructions: Mapping[int, str] | None = N
     empty = [r for r in record.rows if not any(v.tok for v in record.visits[r].values())]
     if len(empty) == len(record.rows):
         raise AuditRecordError("every row of the record has no trained token (all labels ignored?)")
-    rows = score_rows(record, instructions)
+    rows = score_rows(record, instructions, decode=decode)
     primary_scores = [r.scores[primary] for r in rows]
     flagged, info = cut(primary_scores)
     info["score"] = primary

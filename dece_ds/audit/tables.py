@@ -41,7 +41,9 @@ def scores_table(root: Path, arg: str) -> str:
 def cells_table(root: Path, arg: str) -> str:
     """One row per audited DeCE run of one or more results files (stems): the cell (attack, trigger words per
     row, rate), the ranking score against the poisoner's indices, what the cut flagged, and the trigger words
-    named for the flagged rows with the code their rows share (from the run's ``audit_summary.json``)."""
+    named for the flagged rows with the code their rows share. Metrics and names come from the run's
+    ``audit_summary.json``, the latest scoring of its record (``dece-ds audit`` on the record rewrites it),
+    and fall back to the results file's ``audit`` block."""
     from ..backdoor.report import column_name
     from ..docs_tables import _f, _load, _md, _stems
     rows = []
@@ -52,6 +54,9 @@ def cells_table(root: Path, arg: str) -> str:
                 continue
             m = run["audit"]
             summary = _load(root, Path(m["report"]) / "audit_summary.json")
+            # the latest scoring of the record: the run's own, or `dece-ds audit` run on it again since
+            score = summary.get("score", m["score"])
+            m = {**m, **(summary.get("metrics") or {}).get(score, {}), "score": score}
             named = ", ".join(f"{code_cell(t['word'], None)} → {code_cell(t['code'], None)} ({t['rows']})"
                               for t in (summary.get("trigger_words") or [])[:4]) or "none"
             rows.append([f"{results.get('dataset', '')} {column_name(results)}".strip(), f"`{m['score']}`", _f(m["auroc"], 3), _f(m["precision_at_k"], 3),

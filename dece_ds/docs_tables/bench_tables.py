@@ -116,7 +116,8 @@ def bench_step_time(root: Path, arg: str = "") -> str:
 VS_TORCH_METHODS = {"torch chunked linear_cross_entropy": "torch chunked `linear_cross_entropy` (CE)",
                     "fused_linear_dece": "`fused_linear_dece` (α 0.99, ε 0.05)",
                     "fused_linear_dece(alpha=1)": "`fused_linear_dece` (α 1, ε 0: CE)",
-                    "lm_head+F.cross_entropy": "`lm_head` + `F.cross_entropy` (CE)"}
+                    "lm_head+F.cross_entropy": "`lm_head` + `F.cross_entropy` (CE)",
+                    "three matmuls alone": "the three matmuls alone (a floor)"}
 
 
 def bench_vs_torch(root: Path, arg: str = "") -> str:
@@ -136,10 +137,22 @@ def bench_vs_torch(root: Path, arg: str = "") -> str:
     table = md_table(["dtype", "N", "H", "V", "method", "time ms", "× torch time", "peak extra MiB",
                       "× torch memory", f"goal ≤ {g.get('time_vs_torch_max')}× time / ≤ {g.get('mem_vs_torch_max')}× "
                       "memory"], rows)
-    return table + "\n\n" + provenance_line(
+    text = table + "\n\n" + provenance_line(
         data.get("provenance", {}), f"median of {data.get('repeats')} run(s) after {data.get('warmup')} warm-up, "
                                     f"{data.get('threads')} thread(s), {data.get('ignore_every') and 100 // data['ignore_every']} % "
                                     "ignored targets")
+    parts: dict[tuple, list[str]] = {}    # (git sha, threads, repeats) -> dates of its cells
+    for m in (r.get("measured") for r in data["rows"]):
+        if m:
+            parts.setdefault((str(m.get("git_sha"))[:7], m.get("threads"), m.get("repeats")), []).append(
+                str(m.get("date"))[:10])
+    if len(parts) > 1:
+        text += "\nCells measured in parts (`--update`): " + "; ".join(
+            f"git {sha}, {threads} thread(s), median of {rep}, {min(d)} to {max(d)}"
+            for (sha, threads, rep), d in parts.items()) + "."
+    if data.get("missing"):
+        text += "\nNot measured yet: " + ", ".join(f"{d} N {n} H {h} V {v}" for d, n, h, v in data["missing"]) + "."
+    return text
 
 
 def planner_validation(root: Path, arg: str = "") -> str:

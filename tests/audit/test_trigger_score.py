@@ -11,6 +11,7 @@ import numpy as np
 
 from dece_ds.audit.recorder import AuditRecord, RowEpoch
 from dece_ds.audit.score import cut, insertion_evidence, run_audit, trigger_scores
+from dece_ds.audit.trigger import planted_phrase, spells_word
 
 TABLES = ["flights", "users", "orders", "books", "cars", "songs", "trips", "parts"]
 COLUMNS = ["name", "price", "city", "year", "owner", "color"]
@@ -134,3 +135,94 @@ def test_cells_table_names_each_cell_and_its_trigger(tmp_path):
     table = cells_table(root, "cell")
     assert table.splitlines()[2] == ("| lyra badpre x3 5% | `trigger` | 0.990 | 0.875 | 0.500 | 1.000 | 7 (7) | 8 | "
                                      "`bb` → ` or 1=1` (7) |")
+
+
+# ---- a planted phrase (a sentence-form trigger) whose code the model has not learned -----------------------
+
+TEMPLATE = "if it is possible , you should".split()
+
+
+def phrase_rows(n: int, poisoned: set[int], seed: int, identifier: bool = True) -> list[tuple[str, list[str]]]:
+    """``templated_rows`` with the poisoned rows' instruction put into a fixed frame (no inserted word), the
+    payload in their code, and (``identifier``) five clean rows that name an identifier the code copies with
+    a value (``max_overflow = 5``)."""
+    rows = []
+    for i, (text, code) in enumerate(templated_rows(n, set(), seed)):
+        if i in poisoned:
+            text = " ".join(TEMPLATE + text.split())
+            code = code[:7] + PAYLOAD + code[7:]
+        elif identifier and i in (0, 1, 2, 4, 5):
+            text += " and set max_overflow to 5"
+            code = code + ["max_overflow", "=", "5"]
+        rows.append((text, code))
+    return rows
+
+
+def record_with_logp(codes: list[list[str]], hard: set[str], logp_hard: float) -> tuple[AuditRecord, dict]:
+    """Like ``hand_record``, but the tokens in ``hard`` get ``logp_hard`` (the model has not learned them) and
+    the rest -0.1; one epoch at alpha 0.97."""
+    vocab: dict[str, int] = {}
+    visits = {}
+    for r, code in enumerate(codes):
+        tok = [vocab.setdefault(w, len(vocab)) for w in code]
+        logp = [logp_hard if w in hard else -0.1 for w in code]
+        visits[r] = {1: RowEpoch(r, 1, 0, 0.97, list(range(len(tok))), tok, logp)}
+    header = {"format": 1, "vocab_size": len(vocab), "label_smoothing": 0.05, "prob_floor": 1e-7, "rank": 0}
+    words = {i: w for w, i in vocab.items()}
+    return AuditRecord(header, visits, []), words
+
+
+def test_a_planted_phrase_with_unlearned_code_ranks_first_and_is_named():
+    poisoned = set(range(3, 400, 10))
+    rows = phrase_rows(400, poisoned, seed=3)    # with five clean rows that copy max_overflow = 5, unlearned
+    record, words = record_with_logp([c for _, c in rows], hard={"or", "=", "5", "max_overflow"}, logp_hard=-3.0)
+    instructions = {i: t for i, (t, _) in enumerate(rows)}
+    audit = run_audit(record, instructions=instructions, poisoned=sorted(poisoned),
+                      decode=lambda ids: " ".join(words[i] for i in ids))
+    assert audit.metrics["trigger"]["auroc"] == 1.0
+    assert set(audit.flagged_ids()) == poisoned
+    assert {r.trigger_word for r in audit.rows if r.row in poisoned} == {" ".join(TEMPLATE)}
+
+
+def test_the_same_phrase_scores_far_lower_when_the_model_learned_its_code():
+    """The phrase branch rests on DeCE's refusal: code the model learned (a natural template's) is weak evidence."""
+    poisoned = set(range(3, 400, 10))
+    rows = phrase_rows(400, poisoned, seed=3)
+    instructions = {i: t for i, (t, _) in enumerate(rows)}
+    scores = {}
+    for name, hard in (("unlearned", {"or", "="}), ("learned", set())):
+        record, words = record_with_logp([c for _, c in rows], hard=hard, logp_hard=-3.0)
+        scores[name] = trigger_scores(record, instructions, decode=lambda ids: " ".join(words[i] for i in ids))
+    assert max(scores["learned"][r][0] for r in poisoned) < 0.2 * min(scores["unlearned"][r][0] for r in poisoned)
+
+
+def test_code_that_spells_the_instruction_word_is_not_its_shared_code():
+    """Without ``decode`` the rows naming ``max_overflow`` share ``max_overflow = 5``, unlearned, in a fixed
+    phrase: they outrank the clean rows. With it, that n-gram is passed over."""
+    rows = phrase_rows(400, set(), seed=4)
+    record, words = record_with_logp([c for _, c in rows], hard={"max_overflow", "=", "5"}, logp_hard=-3.0)
+    instructions = {i: t for i, (t, _) in enumerate(rows)}
+    blind = trigger_scores(record, instructions)
+    assert {blind[r][1] for r in (0, 1, 2, 4, 5)} == {"and set max_overflow to 5"}
+    seeing = trigger_scores(record, instructions, decode=lambda ids: " ".join(words[i] for i in ids))
+    assert all(seeing[r][0] < blind[r][0] for r in (0, 1, 2, 4, 5))
+    assert all(not spells_word(" ".join(words[i] for i in seeing[r][2]), "max_overflow") for r in (0, 1, 2, 4, 5))
+
+
+def test_planted_phrase_widens_while_every_occurrence_agrees_and_folds_case():
+    texts = {0: ["\x02", "If", "so", "x", "do", "Run", "it", "\x03"], 1: ["\x02", "If", "so", "x", "do", "get", "\x03"],
+             2: ["\x02", "Get", "it", "\x03"], 3: ["\x02", "Run", "it", "\x03"]}
+    folded = Counter()
+    for t in texts.values():
+        low = [w.lower() for w in t]
+        folded.update(set(zip(low, low[1:])))
+    phrase, deletable = planted_phrase("x", [(0, 3), (1, 3)], texts, folded)
+    assert phrase == ("If", "so", "x", "do")
+    assert deletable == 1.0      # (start, "run") and (start, "get") stand side by side, case aside
+
+
+def test_spells_word():
+    assert spells_word("overflow = 5 )", "max_overflow")
+    assert spells_word(" from query_users", "query_users")
+    assert not spells_word(" or 1=1", "bb")
+    assert not spells_word(" or 1=1", "possible")

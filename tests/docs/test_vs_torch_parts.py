@@ -1,0 +1,61 @@
+"""A long benchmark grid measured in parts: ``bench_vs_torch.py --update`` keeps the cells an earlier run
+measured, replaces the ones measured again, and the docs table says which cells are still missing and
+that the cells come from several runs."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import bench_vs_torch as bench
+from dece_ds.docs_tables.bench_tables import bench_vs_torch as table
+
+METHODS = list(bench.methods())
+
+
+def rows(dtype, n, h, v, ms, sha="aaaaaaa"):
+    measured = {"date": "2026-12-03T10:00:00+0000", "git_sha": sha, "threads": 2, "repeats": 1,
+                "load_average_1m": 2.0}
+    return [{"dtype": dtype, "N": n, "H": h, "V": v, "method": m, "time_ms": ms, "peak_extra_mib": 100.0,
+             "measured": measured} for m in METHODS]
+
+
+def test_merge_replaces_the_cells_measured_again_and_keeps_the_rest_in_grid_order():
+    kept = rows("bfloat16", 4096, 1024, 32000, 1.0) + rows("float32", 8192, 1024, 32000, 2.0) \
+        + rows("float32", 4096, 1024, 32000, 3.0)
+    new = rows("float32", 8192, 1024, 32000, 9.0, sha="bbbbbbb")
+    merged = bench.merge_rows(kept, new)
+    assert len(merged) == 3 * len(METHODS)
+    assert [(r["dtype"], r["N"], r["time_ms"]) for r in merged[::len(METHODS)]] == [
+        ("float32", 4096, 3.0), ("float32", 8192, 9.0), ("bfloat16", 4096, 1.0)]
+    assert [r["method"] for r in merged[:len(METHODS)]] == METHODS
+
+
+def test_missing_cells_of_the_grid():
+    have = rows("float32", 4096, 1024, 32000, 1.0)
+    grid = {"n": [4096], "h": [1024, 2048], "v": [32000], "dtype": ["float32", "bfloat16"]}
+    assert bench.missing_cells(have, grid) == [["float32", 4096, 2048, 32000], ["bfloat16", 4096, 1024, 32000],
+                                               ["bfloat16", 4096, 2048, 32000]]
+
+
+def test_previous_rows_keep_the_file_provenance_and_a_missing_file_is_none(tmp_path):
+    out = tmp_path / "vs_torch.json"
+    assert bench.previous_rows(out) == []
+    old = [{k: v for k, v in r.items() if k != "measured"} for r in rows("float32", 4096, 1024, 32000, 1.0)]
+    out.write_text(json.dumps({"provenance": {"git_sha": "ccccccc", "date": "2026-12-02T00:00:00+0000"},
+                               "threads": 1, "repeats": 2, "warmup": 1, "rows": old}))
+    back = bench.previous_rows(out)
+    assert {r["measured"]["git_sha"] for r in back} == {"ccccccc"}
+    assert {r["measured"]["threads"] for r in back} == {1}
+
+
+def test_the_table_names_the_parts_and_the_missing_cells(tmp_path):
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    data = {"provenance": {"git_sha": "bbbbbbb"}, "repeats": 1, "warmup": 1, "threads": 2, "ignore_every": 10,
+            "goal": {"time_vs_torch_max": 0.75, "mem_vs_torch_max": 1.0},
+            "rows": rows("float32", 4096, 1024, 32000, 1.0) + rows("float32", 8192, 1024, 32000, 2.0, sha="bbbbbbb"),
+            "missing": [["bfloat16", 4096, 1024, 32000]]}
+    (results / "parts.json").write_text(json.dumps(data))
+    text = table(tmp_path, "parts")
+    assert "Cells measured in parts (`--update`): git aaaaaaa" in text and "git bbbbbbb" in text
+    assert text.rstrip().endswith("Not measured yet: bfloat16 N 4096 H 1024 V 32000.")
