@@ -235,11 +235,12 @@ def vocab_local(shape: ModelShape, tp: int) -> int:
 
 def chunk_rows(n_tokens: int, v_local: int, fused: bool = False, dtype: str = "fp32",
                inp: PlanInput | None = None) -> int:
-    """Rows per chunk the ops use (``dece_ds.ops.chunk_budget.chunk_rows``: the ops' own rule), with the loss
-    options of ``inp`` (backend, budget, soft-cap) when given, else the defaults."""
+    """Rows per chunk the ops use (``dece_ds.ops.chunk_budget.chunk_rows``: the ops' own rule), with the dtype and
+    loss options of ``inp`` (backend, budget, soft-cap) when given (``dtype`` is then not used), else ``dtype``
+    and the defaults."""
     from ..ops.chunk_budget import budget_mib_to_bytes, chunk_rows as rule
     inp = inp or PlanInput(dtype=dtype)
-    return rule(n_tokens, v_local, fused=fused, dtype=dtype, budget_bytes=budget_mib_to_bytes(inp.chunk_budget_mib),
+    return rule(n_tokens, v_local, fused=fused, dtype=inp.dtype, budget_bytes=budget_mib_to_bytes(inp.chunk_budget_mib),
                 logit_softcap=inp.logit_softcap, backend=inp.backend)
 
 
@@ -251,7 +252,7 @@ def _scratch_per_element(inp: PlanInput, fused: bool) -> int:
 
 def loss_memory(shape: ModelShape, inp: PlanInput) -> dict[str, int]:
     N, V, b, h = inp.tokens, vocab_local(shape, inp.tp), DTYPE_BYTES[inp.dtype], shape.hidden_size
-    c, cf = chunk_rows(N, V, dtype=inp.dtype, inp=inp), chunk_rows(N, V, fused=True, dtype=inp.dtype, inp=inp)
+    c, cf = chunk_rows(N, V, inp=inp), chunk_rows(N, V, fused=True, inp=inp)
     logits = N * V * b
     ce_buffers = 3 if b < 4 else 2
     return {
@@ -265,7 +266,7 @@ def loss_collectives(shape: ModelShape, inp: PlanInput) -> dict[str, dict[str, i
     if inp.tp == 1:
         return {k: {"all_gather": 0, "all_reduce": 0, "calls": 0} for k in LOSSES}
     N, b, h = inp.tokens, DTYPE_BYTES[inp.dtype], shape.hidden_size
-    chunks = math.ceil(N / chunk_rows(N, vocab_local(shape, inp.tp), fused=True, dtype=inp.dtype, inp=inp))
+    chunks = math.ceil(N / chunk_rows(N, vocab_local(shape, inp.tp), fused=True, inp=inp))
     return {
         "ce": {"all_gather": 0, "all_reduce": 3 * 4 * N, "calls": 3},
         "dece": {"all_gather": 4 * (N + 2), "all_reduce": 4 * 2 * N, "calls": 2},
