@@ -35,7 +35,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .recorder import AuditRecord
+from .recorder import AuditRecord, RowEpoch
 
 WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\S")   # an instruction's words and punctuation, for contexts
@@ -69,6 +69,7 @@ def trigger_scores(record: AuditRecord, instructions: Mapping[int, str], min_sup
             if WORD.fullmatch(token):
                 occurrences[token].append((r, i))
     n_rows = len(rows)
+    judged = {r: _last_judged_visit(record, r) for r in rows}
     best: dict[int, tuple[float, str, tuple[int, ...]]] = {}
     for word, occ in sorted(occurrences.items()):   # sorted: ties name the same word every run
         members = sorted({r for r, _ in occ})
@@ -86,7 +87,7 @@ def trigger_scores(record: AuditRecord, instructions: Mapping[int, str], min_sup
         deletable, spread = insertion_evidence(word, occ, texts, adjacent)
         inserted, planted = deletable * spread, 0.0
         if len(phrase) > 1 and code:
-            planted = phrase_deletable * (1.0 - math.exp(-code_nll(record, members, code)))
+            planted = phrase_deletable * (1.0 - math.exp(-code_nll(judged, members, code)))
         s = lift * math.log1p(k) * max(inserted, planted)
         name = " ".join(phrase) if planted > inserted else word
         for r in members:
@@ -124,21 +125,26 @@ def planted_phrase(word: str, occurrences: Sequence[tuple[int, int]], texts: Map
     return tuple(texts[r0][a0:b0]), sum(adjacent_folded[c] > 0 for c in contexts) / len(contexts)
 
 
-def code_nll(record: AuditRecord, members: Sequence[int], code: tuple[int, ...]) -> float:
+def code_nll(judged: Mapping[int, RowEpoch | None], members: Sequence[int], code: tuple[int, ...]) -> float:
     """Mean ``-log p_t`` of ``code``'s tokens over the rows of ``members`` that hold it (its first place in the
-    row), in each row's last recorded epoch with ``alpha < 1`` (epochs at alpha 1 are CE and judge nothing);
-    0 when no such row or epoch."""
+    row), in each row's judged visit (``_last_judged_visit``); 0 when no such row."""
     n, values = len(code), []
     for r in members:
-        visits = [v for _, v in sorted(record.visits[r].items()) if v.alpha < 1.0 and v.tok]
-        if not visits:
+        v = judged[r]
+        if v is None:
             continue
-        t, logp = visits[-1].tok, visits[-1].logp
-        for i in range(len(t) - n + 1):
-            if tuple(t[i:i + n]) == code:
-                values.append(-float(np.mean(logp[i:i + n])))
+        for i in range(len(v.tok) - n + 1):
+            if tuple(v.tok[i:i + n]) == code:
+                values.append(-float(np.mean(v.logp[i:i + n])))
                 break
     return float(np.mean(values)) if values else 0.0
+
+
+def _last_judged_visit(record: AuditRecord, row: int) -> RowEpoch | None:
+    """The row's last recorded epoch with ``alpha < 1`` and trained tokens (epochs at alpha 1 are CE and judge
+    nothing); None when it has none."""
+    visits = [v for _, v in sorted(record.visits[row].items()) if v.alpha < 1.0 and v.tok]
+    return visits[-1] if visits else None
 
 
 def spells_word(code_text: str, word: str) -> bool:
