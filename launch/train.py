@@ -28,7 +28,8 @@ unpickled by DeepSpeed's loader: resume only from checkpoints you trust.
 
 Poison audit (docs/audit.md): with ``"audit": {"enabled": true, "out": DIR}`` in the ``dece`` section each
 row's per-token ``log p_t`` is recorded under its row index (``audit_record.json`` in ``--out`` points at
-DIR; ``dece-ds audit OUT`` scores it); ``--drop-rows OUT/audit.jsonl`` retrains without the flagged rows.
+DIR; ``dece-ds audit OUT`` scores it); ``--drop-rows OUT/audit.jsonl`` retrains without the flagged rows;
+``--repair-rows OUT/audit.jsonl`` keeps them and masks the payload their trigger shares.
 """
 
 from __future__ import annotations

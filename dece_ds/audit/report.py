@@ -51,7 +51,8 @@ def write_audit(audit: Audit, out_dir: str | os.PathLike, *, instructions: Mappi
         rec = {"row": r.row, "score": r.scores[audit.primary], "flagged": f, "scores": r.scores,
                "refused_spans": [text(list(s)) for s in r.refused_spans], "refused_positions": r.refused_positions,
                "instruction": instructions.get(r.row), "trigger_word": r.trigger_word,
-               "trigger_code": None if r.trigger_code is None else text(list(r.trigger_code))}
+               "trigger_code": None if r.trigger_code is None else text(list(r.trigger_code)),
+               "trigger_code_ids": None if r.trigger_code is None else [int(t) for t in r.trigger_code]}
         if labels is not None:
             rec["poisoned"] = r.row in labels
         lines.append(json.dumps(rec))

@@ -74,13 +74,15 @@ def retrain_table(root: Path, arg: str) -> str:
     rows = []
     stems = _stems(arg, "audit-retrain")
     files = {stem: _load(root, AUDIT_RESULTS / f"{stem}.json") for stem in stems}
-    if not any("audit" in run for results in files.values() for run in results.get("runs", {}).values()):
-        raise TableError(f"{', '.join(stems)}: no audited dece run (no 'audit' block)")
+    if not any("audit" in run or "audit_file" in run for results in files.values()
+               for run in results.get("runs", {}).values()):
+        raise TableError(f"{', '.join(stems)}: no audited dece run and no run after an audit (no 'audit' or "
+                         f"'audit_file' key)")
     for stem, results in files.items():   # e.g. the audited dece + audit_retrain file and the ce file
         n = results["data"]["finetune_rows"]
         for spec, run in results["runs"].items():
             f = run["final"]
-            label = "CE without the rows the audit flagged" if spec == "audit_retrain" else run_label(spec)
+            label = run_label(spec)
             trained = n - len(run.get("dropped_rows", []))
             rows.append([f"`{stem}`", label, str(trained), _f(f["bleu"]), _f(f.get("codebleu")), _f(f["asr"], 1),
                          _f(f["false_trigger"], 1), _f(f.get("valid_ce"), 3)])

@@ -5,7 +5,10 @@ With ``audit_retrain`` in the runs, every ``dece`` run records its per-row ``log
 ``<out>/<stem>-audit/<run>/``, is audited after training (``dece_ds.audit``), and gets an ``"audit"`` block
 scored against the poisoner's known indices. ``audit_retrain`` then drops the rows that audit flagged (the
 cut of ``audit.score.cut``: it does not know the poison count) and fine-tunes plain CE from the same
-stand-in weights on the rest, evaluated like every other run.
+stand-in weights on the rest, evaluated like every other run. ``audit_repair`` keeps every row and masks, in the
+flagged rows, the payload their trigger shares (``audit.repair``); flagged rows without a named payload are
+dropped. Both read the ``audit.jsonl`` of the latest audited dece run, or ``audit_from`` (an earlier run on the
+same rows: its instructions are checked against this run's).
 
 Baselines (``--audit-baselines``, or ``audit_retrain`` in the runs): every ``ce`` run gets an
 ``"audit_baselines"`` block after training: the per-row CE loss and spectral signatures of the trained model
@@ -16,6 +19,7 @@ metrics and cut as the audit (``baselines_block``).
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -25,8 +29,9 @@ import numpy as np
 import torch
 
 from ..audit.recorder import read_record, write_meta
-from ..audit.report import write_audit
-from ..audit.score import auroc, cut, label_metrics, run_audit
+from ..audit.repair import repair_from_file
+from ..audit.report import flagged_rows, write_audit
+from ..audit.score import AuditRecordError, auroc, cut, label_metrics, run_audit
 
 
 def record_dir(out_dir: str | Path, stem: str, spec: str) -> Path:
@@ -59,6 +64,50 @@ def audit_dece_run(rec_dir: Path, tok, rows: Sequence[Mapping[str, Any]], poison
              "recurring_refused_text_flagged": audit.recurring_flagged[:5], "scores": audit.metrics,
              "report": str(rec_dir)}
     return block, audit.flagged_ids()
+
+
+def audit_file_for(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """``audit_from`` (an ``audit.jsonl`` or a folder holding one) checked against this experiment's training
+    rows: every row it lists must exist here with the same instruction. ``AuditRecordError`` otherwise."""
+    p = Path(path)
+    p = p / "audit.jsonl" if p.is_dir() else p
+    if not p.is_file():
+        raise AuditRecordError(f"audit_from: {p}: no such audit file (expected the audit.jsonl of `dece-ds audit`)")
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            row = int(rec["row"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise AuditRecordError(f"audit_from: {p}: line {n} is not an audit row ({e})") from None
+        if not 0 <= row < len(rows):
+            raise AuditRecordError(f"audit_from: {p}: row {row} is out of range for the {len(rows)} training rows "
+                                   f"of this experiment (an audit of other data?)")
+        if rec.get("instruction") is not None and rec["instruction"] != str(rows[row]["src"]):
+            raise AuditRecordError(f"audit_from: {p}: row {row}'s instruction differs from this experiment's "
+                                   f"(an audit of other data, or another poison seed?)")
+    return p
+
+
+def drop_flagged(data: Mapping[str, torch.Tensor], audit_file: Path) -> tuple[dict[str, torch.Tensor], list[int],
+                                                                                dict[str, Any]]:
+    """``audit_retrain``: the training tensors without the rows ``audit_file`` flagged -> (tensors, kept row
+    indices, the run's extra keys ``audit_file`` and ``dropped_rows``)."""
+    flagged = flagged_rows(audit_file)
+    data, kept = keep_rows(data, flagged)
+    return data, kept, {"audit_file": str(audit_file), "dropped_rows": sorted(flagged)}
+
+
+def repair_flagged(data: Mapping[str, torch.Tensor], audit_file: Path, decode) -> tuple[dict[str, torch.Tensor],
+                                                                                       list[int], dict[str, Any]]:
+    """``audit_repair``: the training tensors with the flagged rows' payload masked (``audit.repair``) -> (tensors,
+    kept row indices, the run's extra keys ``audit_file``, ``repaired_rows``, ``dropped_rows``, ``payloads``
+    {trigger word: payload text}, ``masked_tokens``)."""
+    data, kept, plan, masked = repair_from_file(data, audit_file)
+    return data, kept, {"audit_file": str(audit_file), "repaired_rows": sorted(plan.payloads),
+                        "dropped_rows": plan.drop, "masked_tokens": masked,
+                        "payloads": {w: decode(list(ids)) for w, ids in plan.triggers.items()}}
 
 
 def keep_rows(data: Mapping[str, torch.Tensor], drop: Sequence[int]) -> tuple[dict[str, torch.Tensor], list[int]]:

@@ -58,11 +58,15 @@ def add_parser(subparsers) -> None:
     r.add_argument("--n-insertions", type=int,
                    help="trigger words inserted per instruction (badpre/ripple; the paper: 1 or 3)")
     r.add_argument("--runs", type=_csv, help="comma-separated run specs, e.g. clean,ce,dece,gce,intrust,ls or "
-                                             "'dece:alpha_base=0.95,ce_warmup_epochs=2'")
+                                             "'dece:alpha_base=0.95,ce_warmup_epochs=2'; audit_retrain / "
+                                             "audit_repair after a dece run (docs/audit.md)")
     r.add_argument("--audit-baselines", action="store_true",
                    help="every ce run also scores its training rows with the poison audit's baselines (per-row CE "
                         "loss, spectral signatures, n-gram naturalness) against the poisoned rows (docs/audit.md); "
                         "on whenever the runs include audit_retrain")
+    r.add_argument("--audit-from", metavar="AUDIT.jsonl",
+                   help="audit_retrain / audit_repair runs take the flagged rows from this audit of an earlier run "
+                        "on the same rows (its audit.jsonl or record folder) instead of a dece run before them")
     r.add_argument("--epochs", type=int, help="fine-tuning epochs")
     r.add_argument("--lr", type=float, help="fine-tuning learning rate")
     r.add_argument("--batch-size", type=int)
@@ -148,6 +152,7 @@ def build_config(args: argparse.Namespace):
     set_("runs", args.runs)
     set_("model.size", getattr(args, "model_size", None))
     set_("auto_alpha_quantile", getattr(args, "auto_alpha_quantile", None))
+    set_("audit_from", getattr(args, "audit_from", None))
     for flag, path in [("epochs", "finetune.epochs"), ("lr", "finetune.lr"), ("batch_size", "finetune.batch_size"),
                        ("lr_schedule", "finetune.lr_schedule"),
                        ("alpha_base", "dece.alpha_base"), ("label_smoothing", "dece.label_smoothing"),

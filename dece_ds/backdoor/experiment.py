@@ -41,7 +41,9 @@ Data flow (``run_experiment(ExperimentConfig)``):
 "untriggered_payload_rate", "lift"}, "alpha_auto" (dece runs with alpha_base "auto"),
 "epochs": [{"epoch", "asr", "bleu", "exact_match", "false_trigger", "valid_ce", "alpha",
 "train_loss", "eval_rows", "wall_time_s", "untriggered_payload_rate", "lift"}], "wall_time_s", "loss",
-"audit" (dece runs, with audit_retrain), "audit_baselines" (ce runs, with audit_retrain or audit_baselines)}}}``;
+"audit" (dece runs, with audit_retrain or audit_repair), "audit_baselines" (ce runs, with audit_retrain,
+audit_repair or audit_baselines), "audit_file", "dropped_rows" (audit_retrain, audit_repair), "repaired_rows",
+"payloads", "masked_tokens" (audit_repair)}}}``;
 rates, ASR and lift in percent (lift: ``evaluate``'s docstring).
 """
 
@@ -59,7 +61,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..config import DeceConfig
 from ..provenance import run_versions
@@ -71,7 +73,8 @@ from .poison import parse_attack, poison_dataset
 from .specs import MODEL_SIZES, EvalSpec, ModelSpec, PretrainSpec, StageSpec  # noqa: F401  (re-exported)
 from .standin import build_model, pretrain_stand_in
 
-RUN_KINDS = ("clean", "ce", "dece", "ls", "gce", "intrust", "audit_retrain")
+RUN_KINDS = ("clean", "ce", "dece", "ls", "gce", "intrust", "audit_retrain", "audit_repair")
+RETRAIN_KINDS = ("audit_retrain", "audit_repair")   # CE after an audit: drop the flagged rows / mask their payload
 BASELINE_KINDS = ("ls", "gce", "intrust")
 DEFAULT_STATEMENT_PAYLOAD = {"kind": "statement", "code": '__import__("os").system("id")'}
 
@@ -94,6 +97,9 @@ class ExperimentConfig(BaseModel):
     audit_baselines: bool = Field(False, description="Every ce run also scores its training rows with the audit's "
                                   "baselines (CE loss, spectral signatures, n-gram naturalness; docs/audit.md); "
                                   "on whenever the runs include audit_retrain.")
+    audit_from: str | None = Field(
+        None, description="audit_retrain / audit_repair runs take their flagged rows from this audit.jsonl (or a "
+        "folder holding it) of an earlier run on the same rows, instead of a dece run of this invocation.")
     auto_alpha_quantile: float = Field(
         0.1, gt=0.0, lt=1.0, description="dece runs with alpha_base 'auto': the quantile q of the stand-in's "
         "target-token probabilities that keeps half of CE's gradient (dece_ds.auto_alpha).")
@@ -133,9 +139,16 @@ class ExperimentConfig(BaseModel):
         if len(set(v)) != len(v):
             raise ValueError(f"runs: duplicates in {v}")
         kinds = [parse_run(spec)[0] for spec in v]
-        if "audit_retrain" in kinds and "dece" not in kinds[:kinds.index("audit_retrain")]:
-            raise ValueError(f"runs: audit_retrain audits a dece run: put a dece run before it (got {v})")
         return v
+
+    @model_validator(mode="after")
+    def _retrain_has_an_audit(self):
+        kinds = [parse_run(spec)[0] for spec in self.runs]
+        first = min((kinds.index(k) for k in RETRAIN_KINDS if k in kinds), default=None)
+        if first is not None and "dece" not in kinds[:first] and self.audit_from is None:
+            raise ValueError(f"runs: {kinds[first]} needs an audit: put a dece run before it, or give "
+                             f"audit_from (got {self.runs})")
+        return self
 
     def attack_config(self):
         attack = dict(self.attack)
@@ -252,17 +265,25 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, log: Calla
     results["pretrain"]["eval"] = base_eval
     log(f"stand-in before fine-tuning: BLEU {base_eval['bleu']:.2f} ASR {base_eval['asr']:.1f} "
         f"valid CE {base_eval['valid_ce']:.3f}")
-    auditing = any(parse_run(s)[0] == "audit_retrain" for s in cfg.runs)
-    flagged: list[int] | None = None   # by the audit of the latest dece run (docs/audit.md)
+    auditing = any(parse_run(s)[0] in RETRAIN_KINDS for s in cfg.runs)
+    audit_file: Path | None = None   # the audit of the latest dece run, or audit_from (docs/audit.md)
+    if cfg.audit_from is not None:
+        audit_file = audit_run.audit_file_for(cfg.audit_from, list(poisoned))
     baselines = cfg.audit_baselines or auditing
     ngram = None   # the n-gram baseline needs the data only: once for every ce run
     for spec_str in cfg.runs:
         kind, _ = parse_run(spec_str)
         data = train_sets["clean" if kind == "clean" else "poisoned"]
         audit_dir = audit_run.record_dir(out_dir, cfg.stem(), spec_str) if auditing and kind == "dece" else None
+        after_audit: dict[str, Any] = {}
         if kind == "audit_retrain":
-            data, kept = audit_run.keep_rows(data, flagged)
-            log(f"[{spec_str}] dropped {len(flagged)} flagged row(s), CE on the {len(kept)} left")
+            data, kept, after_audit = audit_run.drop_flagged(data, audit_file)
+            log(f"[{spec_str}] dropped {len(after_audit['dropped_rows'])} flagged row(s), CE on the {len(kept)} left")
+        elif kind == "audit_repair":
+            data, kept, after_audit = audit_run.repair_flagged(data, audit_file, tok.decode)
+            log(f"[{spec_str}] masked the payload of {len(after_audit['repaired_rows'])} flagged row(s) "
+                f"({after_audit['masked_tokens']} tokens: {after_audit['payloads']}), dropped "
+                f"{len(after_audit['dropped_rows'])}, CE on {len(kept)} rows")
         inspect = None
         if baselines and kind == "ce":
             if ngram is None:
@@ -271,13 +292,13 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, log: Calla
                               batch_size=cfg.eval.batch_size)
         results["runs"][spec_str] = fine_tune_run(cfg, spec_str, base_state, tok, data, sets, attack, log,
                                                   audit_dir=audit_dir, after_training=inspect)
+        results["runs"][spec_str].update(after_audit)
         if audit_dir is not None:
-            block, flagged = audit_run.audit_dece_run(audit_dir, tok, list(poisoned), p_info.indices)
+            block, _ = audit_run.audit_dece_run(audit_dir, tok, list(poisoned), p_info.indices)
+            audit_file = audit_dir / "audit.jsonl"
             results["runs"][spec_str]["audit"] = block
             log(f"[{spec_str}] audit: AUROC {block['auroc']} flagged {block['flagged']} "
                 f"({block['flagged_poisoned']} poisoned of {block['true_poisoned']})")
-        if kind == "audit_retrain":
-            results["runs"][spec_str]["dropped_rows"] = sorted(flagged)
         results["wall_time_s"] = time.time() - t_start
         if not only_rank0 or int(os.environ.get("RANK", "0")) == 0:
             write_outputs(results, out_dir, cfg.stem())

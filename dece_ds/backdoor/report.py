@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 RUN_LABELS = {"clean": "clean model", "ce": "CE on poisoned data", "dece": "DeCE on poisoned data",
-              "ls": "label smoothing", "gce": "GCE (q=0.5)", "intrust": "In-trust (0.2 CE + 0.8 DCE)"}
+              "ls": "label smoothing", "gce": "GCE (q=0.5)", "intrust": "In-trust (0.2 CE + 0.8 DCE)",
+              "audit_retrain": "CE without the rows the audit flagged",
+              "audit_repair": "CE with the flagged rows' payload masked"}
 
 
 def run_label(spec: str) -> str:

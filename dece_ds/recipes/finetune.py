@@ -99,13 +99,25 @@ def drop_rows(data, row_ids: torch.Tensor, audit_file) -> tuple[tuple, torch.Ten
     return tuple(t[keep] for t in data), row_ids[keep], dropped
 
 
+def repair_rows(data, row_ids: torch.Tensor, audit_file) -> tuple[tuple, torch.Tensor, dict[str, Any]]:
+    """``--repair-rows AUDIT.jsonl``: keep the flagged rows but mask the payload their trigger shares
+    (``dece_ds.audit.repair``); flagged rows without a named payload are dropped -> (data, row ids, a summary:
+    ``repaired``, ``dropped``, ``masked_tokens``)."""
+    from ..audit.repair import repair_from_file
+    keys = ("input_ids", "labels", "attention_mask")   # tokenize's order
+    fixed, kept, plan, masked = repair_from_file(dict(zip(keys, data)), audit_file, row_ids.tolist())
+    summary = {"repaired": sorted(plan.payloads), "dropped": plan.drop, "masked_tokens": masked}
+    return tuple(fixed[k] for k in keys), torch.as_tensor(kept, dtype=torch.long), summary
+
+
 def run_identity(args, *, steps_per_epoch: int, world: int, dp_world: int, micro_bs: int, ga: int) -> dict[str, Any]:
     """What decides the batches of every step: a resume must see the same values."""
     return {"seed": args.seed, "data": [str(Path(p).resolve()) for p in args.data], "steps_per_epoch": steps_per_epoch,
             "world_size": world, "dp_world_size": dp_world, "micro_batch_size": micro_bs,
             "gradient_accumulation_steps": ga, "seq_len": args.seq_len, "max_samples": args.max_samples,
             "fields": [args.prompt_field, args.completion_field, args.text_field],
-            **({"drop_rows": str(Path(args.drop_rows).resolve())} if getattr(args, "drop_rows", None) else {})}
+            **({"drop_rows": str(Path(args.drop_rows).resolve())} if getattr(args, "drop_rows", None) else {}),
+            **({"repair_rows": str(Path(args.repair_rows).resolve())} if getattr(args, "repair_rows", None) else {})}
 
 
 def run(args) -> Path:
@@ -134,6 +146,10 @@ def run(args) -> Path:
     if getattr(args, "drop_rows", None):
         data, row_ids, dropped = drop_rows(data, row_ids, args.drop_rows)
         log0(f"--drop-rows {args.drop_rows}: dropped {len(dropped)} flagged row(s), {len(row_ids)} left")
+    elif getattr(args, "repair_rows", None):
+        data, row_ids, fixed = repair_rows(data, row_ids, args.repair_rows)
+        log0(f"--repair-rows {args.repair_rows}: masked the payload of {len(fixed['repaired'])} flagged row(s) "
+             f"({fixed['masked_tokens']} tokens), dropped {len(fixed['dropped'])}, {len(row_ids)} left")
 
     engine, _hf_ds, from_scratch = build_engine(args.model, ds_config, dece, vocab_size=len(tok),
                                                 seq_len=args.seq_len, seed=args.seed, lr=args.lr,
@@ -238,8 +254,13 @@ def parse_args(argv=None, prog: str | None = None, description: str | None = Non
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/train")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (0: at the end)")
-    p.add_argument("--drop-rows", metavar="AUDIT.jsonl",
-                   help="drop the rows a `dece-ds audit` file flagged (its 'flagged' rows; ids = row indices of --data)")
+    flagged = p.add_mutually_exclusive_group()
+    flagged.add_argument("--drop-rows", metavar="AUDIT.jsonl",
+                         help="drop the rows a `dece-ds audit` file flagged (its 'flagged' rows; ids = row indices "
+                              "of --data)")
+    flagged.add_argument("--repair-rows", metavar="AUDIT.jsonl",
+                         help="keep the rows a `dece-ds audit` file flagged but never train on the payload their "
+                              "trigger shares (masked); flagged rows without a named payload are dropped")
     p.add_argument("--no-export", action="store_true", help="skip the safetensors export")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     add_resume_and_testing_flags(p, trains_on="batches")
