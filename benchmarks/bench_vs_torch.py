@@ -57,8 +57,12 @@ def has_torch_chunked() -> bool:
     return hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
 
 
-def methods() -> dict:
-    """name -> fn(hidden [N, H], weight [V, H], target [N]) -> scalar loss (mean over non-ignored targets)."""
+WALKS = {"fused_linear_dece(rows walk)": "rows", "fused_linear_dece(vocab walk)": "vocab"}
+
+
+def methods(walks: bool = False) -> dict:
+    """name -> fn(hidden [N, H], weight [V, H], target [N]) -> scalar loss (mean over non-ignored targets).
+    ``walks``: also ``fused_linear_dece`` with each weight-gradient walk forced (its default picks one)."""
     out = {}
     if has_torch_chunked():
         options = torch.nn.LinearCrossEntropyOptions()
@@ -68,6 +72,10 @@ def methods() -> dict:
                                                                           prob_floor=0.0)
     out["lm_head+F.cross_entropy"] = lambda h, w, t: F.cross_entropy(h @ w.T, t, ignore_index=-100)
     out[FLOOR] = lambda h, w, t: ThreeMatmuls.apply(h, w)
+    if walks:
+        for name, walk in WALKS.items():
+            out[name] = (lambda wk: lambda h, w, t: fused_linear_dece(h, w, t, alpha=ALPHA, label_smoothing=EPS,
+                                                                      weight_grad_walk=wk))(walk)
     return out
 
 
@@ -128,7 +136,7 @@ def add_ratios(cell_rows: list[dict]) -> None:
             continue
         r["time_vs_torch"] = r["time_ms"] / base["time_ms"]
         r["mem_vs_torch"] = r["peak_extra_mib"] / max(base["peak_extra_mib"], 1e-9)
-        if r["method"] in OURS:
+        if r["method"] in OURS or r["method"] in WALKS:
             r["goal_time"] = "yes" if r["time_vs_torch"] <= GOAL_TIME else "no"
             r["goal_mem"] = "yes" if r["mem_vs_torch"] <= GOAL_MEM else "no"
 
@@ -149,6 +157,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each child")
     ap.add_argument("--max-mem-gib", type=float, default=18.0,
                     help="skip a method whose estimated footprint exceeds this (host RAM on CPU)")
+    ap.add_argument("--walks", action="store_true",
+                    help="also fused_linear_dece with each weight-gradient walk forced (rows / vocab)")
+    ap.add_argument("--methods", nargs="+", metavar="NAME",
+                    help="measure only these methods (names as in the table; default: all)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--update", action="store_true",
                     help="keep the other cells of the results file at --out and replace only the cells measured now "
@@ -156,6 +168,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.h, args.v = QUICK["n"], QUICK["h"], QUICK["v"]
+    unknown = set(args.methods or []) - set(methods(args.walks))
+    if unknown:
+        ap.error(f"--methods: unknown {sorted(unknown)}; expected names from {sorted(methods(True))}")
     for flag in ("repeats", "threads"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag}: expected a positive int, got {getattr(args, flag)}")
@@ -177,7 +192,9 @@ def main(argv=None) -> int:
             for h_dim in args.h:
                 for v in args.v:
                     cell = []
-                    for name, fn in methods().items():
+                    for name, fn in methods(args.walks).items():
+                        if args.methods and name not in args.methods:
+                            continue
                         est = estimated_total_gib(name, n, h_dim, v, dtype)
                         if device.type == "cpu" and est > args.max_mem_gib:
                             res = {"note": f"skipped: ~{est:.0f} GiB estimated > --max-mem-gib {args.max_mem_gib:g}"}
@@ -230,13 +247,18 @@ def _cell(r: dict) -> tuple:
 
 
 def merge_rows(kept: list[dict], new: list[dict]) -> list[dict]:
-    """``kept`` without the cells ``new`` measured again, plus ``new``; in grid order (dtype, N, H, V, method)."""
-    again = {_cell(r) for r in new}
-    order = {name: i for i, name in enumerate(methods())}
+    """``kept`` without the (cell, method) rows ``new`` measured again, plus ``new``; in grid order (dtype, N, H,
+    V, method). The ratios of every cell are formed again (a method measured now against torch's row of an
+    earlier run when only some methods were measured: each row says when)."""
+    again = {(_cell(r), r["method"]) for r in new}
+    order = {name: i for i, name in enumerate(methods(walks=True))}
     dtypes = {"float32": 0, "bfloat16": 1}
-    merged = [r for r in kept if _cell(r) not in again] + new
-    return sorted(merged, key=lambda r: (dtypes.get(r["dtype"], 9), r["N"], r["H"], r["V"],
-                                         order.get(r["method"], 99)))
+    merged = [r for r in kept if (_cell(r), r["method"]) not in again] + new
+    merged = sorted(merged, key=lambda r: (dtypes.get(r["dtype"], 9), r["N"], r["H"], r["V"],
+                                           order.get(r["method"], 99)))
+    for cell in {_cell(r) for r in merged}:
+        add_ratios([r for r in merged if _cell(r) == cell])
+    return merged
 
 
 def missing_cells(rows: list[dict], grid: dict) -> list[list]:

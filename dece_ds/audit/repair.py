@@ -17,15 +17,14 @@ indent); deleting it would leave broken code, masking it only skips one trained 
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
+from .report import audit_lines
 from .score import AuditRecordError
 
 IGNORE_INDEX = -100
@@ -122,23 +121,13 @@ def read_flagged(audit_file: str | os.PathLike) -> list[dict]:
     """The flagged rows of an ``audit.jsonl`` as dicts (``row``, ``trigger_word``, ``trigger_code_ids``,
     ``instruction``); ``AuditRecordError`` for a missing file or a bad line, or a file written before the audit
     kept ``trigger_code_ids`` (rescore it with ``dece-ds audit``)."""
-    path = Path(audit_file)
-    if not path.is_file():
-        raise AuditRecordError(f"{path}: no such audit file (expected the audit.jsonl of `dece-ds audit`)")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            row, flagged = int(rec["row"]), bool(rec["flagged"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise AuditRecordError(f"{path}: line {n} is not an audit row ({e})") from None
+    for n, rec in audit_lines(audit_file):
         if "trigger_code_ids" not in rec:
-            raise AuditRecordError(f"{path}: line {n} has no 'trigger_code_ids' (written by an older dece-ds; "
-                                   f"rescore the run with `dece-ds audit`)")
-        if flagged:
-            out.append({"row": row, "trigger_word": rec.get("trigger_word"),
+            raise AuditRecordError(f"{audit_file}: line {n} has no 'trigger_code_ids' (written by an older "
+                                   f"dece-ds; rescore the run with `dece-ds audit`)")
+        if rec["flagged"]:
+            out.append({"row": rec["row"], "trigger_word": rec.get("trigger_word"),
                         "trigger_code_ids": rec["trigger_code_ids"], "instruction": rec.get("instruction")})
     return out
 

@@ -16,8 +16,9 @@ from .score import Audit, AuditRecordError
 TOP_ROWS = 30
 
 
-def flagged_rows(audit_file: str | os.PathLike) -> list[int]:
-    """The row ids an ``audit.jsonl`` flagged (``"flagged": true``); ``AuditRecordError`` for a bad file."""
+def audit_lines(audit_file: str | os.PathLike) -> list[tuple[int, dict]]:
+    """``(line number, row dict)`` of every row of an ``audit.jsonl``, each with an int ``row`` and a bool
+    ``flagged``; ``AuditRecordError`` naming the file (and line) for a missing file or a bad line."""
     path = Path(audit_file)
     if not path.is_file():
         raise AuditRecordError(f"{path}: no such audit file (expected the audit.jsonl of `dece-ds audit`)")
@@ -27,13 +28,16 @@ def flagged_rows(audit_file: str | os.PathLike) -> list[int]:
             continue
         try:
             rec = json.loads(line)
-            if "row" not in rec or "flagged" not in rec:
-                raise KeyError("row/flagged")
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            rec["row"], rec["flagged"] = int(rec["row"]), bool(rec["flagged"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise AuditRecordError(f"{path}: line {n} is not an audit row ({e})") from None
-        if rec["flagged"]:
-            out.append(int(rec["row"]))
+        out.append((n, rec))
     return out
+
+
+def flagged_rows(audit_file: str | os.PathLike) -> list[int]:
+    """The row ids an ``audit.jsonl`` flagged (``"flagged": true``); ``AuditRecordError`` for a bad file."""
+    return [rec["row"] for _, rec in audit_lines(audit_file) if rec["flagged"]]
 
 
 def write_audit(audit: Audit, out_dir: str | os.PathLike, *, instructions: Mapping[int, str] | None = None,

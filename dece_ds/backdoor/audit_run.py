@@ -19,7 +19,6 @@ metrics and cut as the audit (``baselines_block``).
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 from ..audit.recorder import read_record, write_meta
 from ..audit.repair import repair_from_file
-from ..audit.report import flagged_rows, write_audit
+from ..audit.report import audit_lines, flagged_rows, write_audit
 from ..audit.score import AuditRecordError, auroc, cut, label_metrics, run_audit
 
 
@@ -73,14 +72,8 @@ def audit_file_for(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     p = p / "audit.jsonl" if p.is_dir() else p
     if not p.is_file():
         raise AuditRecordError(f"audit_from: {p}: no such audit file (expected the audit.jsonl of `dece-ds audit`)")
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            row = int(rec["row"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise AuditRecordError(f"audit_from: {p}: line {n} is not an audit row ({e})") from None
+    for _, rec in audit_lines(p):
+        row = rec["row"]
         if not 0 <= row < len(rows):
             raise AuditRecordError(f"audit_from: {p}: row {row} is out of range for the {len(rows)} training rows "
                                    f"of this experiment (an audit of other data?)")

@@ -117,7 +117,9 @@ VS_TORCH_METHODS = {"torch chunked linear_cross_entropy": "torch chunked `linear
                     "fused_linear_dece": "`fused_linear_dece` (α 0.99, ε 0.05)",
                     "fused_linear_dece(alpha=1)": "`fused_linear_dece` (α 1, ε 0: CE)",
                     "lm_head+F.cross_entropy": "`lm_head` + `F.cross_entropy` (CE)",
-                    "three matmuls alone": "the three matmuls alone (a floor)"}
+                    "three matmuls alone": "the three matmuls alone (a floor)",
+                    "fused_linear_dece(rows walk)": "`fused_linear_dece` (α 0.99), rows walk forced",
+                    "fused_linear_dece(vocab walk)": "`fused_linear_dece` (α 0.99), vocabulary walk forced"}
 
 
 def bench_vs_torch(root: Path, arg: str = "") -> str:

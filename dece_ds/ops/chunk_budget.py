@@ -67,3 +67,47 @@ def chunk_rows(n_rows: int, v_shard: int, *, fused: bool, dtype=torch.float32, b
 def budget_mib_to_bytes(chunk_budget_mib: float | None) -> int | None:
     """The config's ``chunk_budget_mib`` as the ops' ``chunk_budget_bytes``."""
     return None if chunk_budget_mib is None else max(1, int(chunk_budget_mib * MIB))
+
+
+# The fused loss's weight gradient (``fused_linear_dece(weight_grad_walk=...)``): with chunks shorter than this
+# many rows, adding every chunk into the whole [V, H] fp32 accumulator costs more memory traffic than one
+# more logits matmul block by block of the vocabulary.
+VOCAB_WALK_BELOW_ROWS = 128
+# A vocabulary-walk tile keeps at least this many columns (its rows shrink instead), so each block's
+# matmuls stay large.
+MIN_BLOCK_COLS = 256
+WALKS = ("auto", "rows", "vocab")
+
+
+def weight_grad_walk(requested: str, n_rows: int, rows_per_chunk: int) -> str:
+    """``"rows"`` or ``"vocab"``: ``requested`` unless ``"auto"``, which takes ``"vocab"`` when there is more than
+    one chunk and they are shorter than ``VOCAB_WALK_BELOW_ROWS`` rows."""
+    if requested not in WALKS:
+        raise ValueError(f"weight_grad_walk: expected one of {WALKS}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    return "vocab" if n_rows > rows_per_chunk and rows_per_chunk < VOCAB_WALK_BELOW_ROWS else "rows"
+
+
+def vocab_block(n_rows: int, v_shard: int, rows_per_chunk: int) -> tuple[int, int]:
+    """(rows, columns) of a vocabulary-walk tile with no more elements than a row chunk (``rows_per_chunk`` x
+    ``v_shard``, so the same scratch): every row and as many columns as fit, or, when fewer than
+    ``MIN_BLOCK_COLS`` would, that many columns and as many rows as fit."""
+    n, v = max(n_rows, 1), max(v_shard, 1)
+    elements = max(rows_per_chunk, 1) * v
+    cols = elements // n
+    if cols >= min(MIN_BLOCK_COLS, v):
+        return n, min(cols, v)
+    cols = min(MIN_BLOCK_COLS, v)
+    return max(1, min(n, elements // cols)), cols
+
+
+def weight_grad_bytes(n_rows: int, v_shard: int, hidden: int, rows_per_chunk: int, *, dtype=torch.float32,
+                      walk: str = "auto") -> int:
+    """Bytes the fused loss holds for the weight gradient: the fp32 ``[V_shard, H]`` accumulator on the rows
+    walk; on the vocabulary walk the gradient in the weight's ``dtype``, + an fp32 ``[columns, H]`` block
+    accumulator when a tile has fewer than all rows (``vocab_block``)."""
+    if weight_grad_walk(walk, n_rows, rows_per_chunk) == "rows":
+        return 4 * v_shard * hidden
+    tile_rows, cols = vocab_block(n_rows, v_shard, rows_per_chunk)
+    return _width(dtype) * v_shard * hidden + (4 * cols * hidden if tile_rows < n_rows else 0)

@@ -15,6 +15,8 @@ of ``c`` rows and, per chunk ``z`` ``[c, V_shard]`` (this rank's real vocabulary
 The drivers put the stages in order:
     ``one_visit``     all stages for one chunk while it is hot in cache; the collectives (if any) run per
                       chunk. Used by the single-device loss and by the fused-linear loss at any TP size.
+    ``block_gradient`` the gradient of a block of vocabulary columns from the rows' ``RowStats`` (which
+                      ``one_visit`` returns): the fused-linear loss's vocabulary walk.
     ``three_visits``  the unfused vocab-parallel loss: visit 1 (local lse) over all chunks, collective 1,
                       visit 2 (partial sums), collective 2, visit 3 (gradient): two collectives per call.
 
@@ -162,6 +164,34 @@ class ChunkResult:
     per_token: torch.Tensor | None  # [c] loss (reduced over shards), None when not asked
     log_p_t: torch.Tensor | None    # [c] log p_t (reduced over shards), None when not asked
     grad: torch.Tensor | None       # [c, V_shard] dloss/dz (compute dtype), None when not asked
+    row_stats: "RowStats | None" = None   # what a later gradient visit of any vocabulary block needs
+
+
+@dataclass
+class RowStats:
+    """Per-row ``[c]`` compute-dtype scalars of a chunk, global over the vocabulary (reduced over the shards):
+    with them the gradient of any block of vocabulary columns needs only that block's logits
+    (``block_gradient``)."""
+    shift: torch.Tensor      # lse = shift + log_norm
+    log_norm: torch.Tensor   # +inf on ignored rows
+    w_total: torch.Tensor    # W = sum_k y_k r_k m_k (+ the z-loss term)
+
+
+def block_gradient(z: torch.Tensor, target_local: torch.Tensor, stats: RowStats, row_coef: torch.Tensor,
+                   k: DeceConstants, work: WorkBuffers, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``dloss/dz`` of a block of vocabulary columns ``z`` ``[c, V_block]`` (any float dtype) whose rows' global
+    statistics are known -> the gradient in ``out`` (default: scratch of the compute dtype). ``target_local``
+    ``[c]``: the target id minus the block's first column (outside ``[0, V_block)``: not in the block). No
+    collective: a block is treated as a shard whose log-sum-exp and W are already global."""
+    if compiled.supported(k):
+        terms = CompiledStages.partial_sums(z, target_local, stats.shift, stats.log_norm, k, with_loss=False)
+        out = work.p(z.shape[0]) if out is None else out
+        return CompiledStages.gradient(z, target_local, stats.shift, stats.log_norm, terms.target_fix,
+                                       stats.w_total, row_coef, k, out)
+    zc = Stages.logits(z, k, work)
+    terms = Stages.partial_sums(zc, target_local, stats.shift, stats.log_norm, k, work, with_loss=False)
+    return Stages.gradient(terms, stats.w_total, row_coef, k, terms.p if out is None else out,
+                           capped=zc if k.logit_softcap else None)
 
 
 def one_visit(z: torch.Tensor, target_local: torch.Tensor, valid: torch.Tensor, k: DeceConstants, shard: VocabShard,
@@ -187,7 +217,7 @@ def one_visit(z: torch.Tensor, target_local: torch.Tensor, valid: torch.Tensor, 
     if row_coef is not None:
         out = terms.p if grad_out is None else grad_out
         grad = Stages.gradient(terms, w_total, row_coef, k, out, capped=zc if k.logit_softcap else None)
-    return ChunkResult(per_token, log_p if want_log_p else None, grad)
+    return ChunkResult(per_token, log_p if want_log_p else None, grad, RowStats(shift, masked, w_total))
 
 
 def _one_visit_compiled(z, target_local, valid, k, shard, group, work, row_coef, want_loss, want_log_p, grad_out,
@@ -204,7 +234,7 @@ def _one_visit_compiled(z, target_local, valid, k, shard, group, work, row_coef,
     if row_coef is not None:
         out = work.p(z.shape[0]) if grad_out is None else grad_out
         grad = CompiledStages.gradient(z, target_local, shift, masked, terms.target_fix, w_total, row_coef, k, out)
-    return ChunkResult(per_token, log_p if want_log_p else None, grad)
+    return ChunkResult(per_token, log_p if want_log_p else None, grad, RowStats(shift, masked, w_total))
 
 
 def _reduced(terms: ChunkTerms, group, want_loss: bool, want_log_p: bool):

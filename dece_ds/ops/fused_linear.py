@@ -37,7 +37,9 @@ import torch.distributed as dist
 
 from .checks import check_float_tensor, check_logit_options, check_loss_args, check_target
 from .chunk_budget import chunk_rows as chunk_rows_for
-from .chunk_driver import one_visit
+from .chunk_budget import vocab_block
+from .chunk_budget import weight_grad_walk as weight_grad_walk_for
+from .chunk_driver import RowStats, block_gradient, one_visit
 from .collectives import VocabShard, group_size
 from .dece import (_row_scale, check_log_p_out, debug_check_same_inputs, debug_enabled, flat_targets, make_constants,
                    refuse_double_backward, saved_gradients)
@@ -51,44 +53,107 @@ def default_fused_chunk_rows(n_rows: int, v_shard: int, device: torch.device | N
 
 
 def _fused_pass(hidden, weight, bias, target_local, valid, k: DeceConstants, shard: VocabShard, group,
-                row_coef, chunk_rows: int, want_loss: bool, log_p_out: torch.Tensor | None = None):
-    """One walk over the chunks. ``row_coef`` ``[N]`` (None: loss only) -> (per_token, g_h, g_w, g_b)."""
+                row_coef, chunk_rows: int, want_loss: bool, log_p_out: torch.Tensor | None = None,
+                walk: str = "rows", block: tuple[int, int] | None = None):
+    """One walk over the chunks. ``row_coef`` ``[N]`` (None: loss only) -> (per_token, g_h, g_w, g_b).
+
+    ``walk="rows"``: each chunk's gradient goes into ``grad_hidden`` and adds into the whole fp32 weight
+    gradient. ``walk="vocab"``: the row chunks give the loss and each row's ``RowStats`` only; then a second
+    walk over ``block`` = (rows, columns) tiles of the vocabulary recomputes those logits, forms their gradient
+    once, adds it into ``grad_hidden`` and writes each block of the weight gradient once, in the weight's dtype
+    (``vocab_walk``)."""
     n_rows, _ = hidden.shape
     v_real = shard.real_size
     world = group_size(group)
     dtype = compute_dtype(hidden.dtype)
     device = hidden.device
     want_grads = row_coef is not None
+    by_vocab = want_grads and walk == "vocab"
     work = WorkBuffers(min(chunk_rows, max(n_rows, 1)), v_real, device, dtype)
     w_real = weight[:v_real]
     b_real = bias[:v_real] if bias is not None else None
     per_token = torch.zeros(n_rows, dtype=dtype, device=device) if want_loss else None
     grad_h = torch.zeros(hidden.shape, dtype=dtype, device=device) if want_grads else None
-    grad_w = torch.zeros(weight.shape, dtype=dtype, device=device) if want_grads else None
+    grad_w = torch.zeros(weight.shape, dtype=dtype, device=device) if want_grads and not by_vocab else None
     grad_b = torch.zeros(weight.shape[0], dtype=dtype, device=device) if want_grads and bias is not None else None
+    stats = []
 
     for start in range(0, n_rows, chunk_rows):
         rows = slice(start, min(start + chunk_rows, n_rows))
         h = hidden[rows]
         z = h @ w_real.T if b_real is None else torch.addmm(b_real, h, w_real.T)   # [c, v_real]
         res = one_visit(z, target_local[rows], valid[rows], k, shard, group if world > 1 else None, work,
-                        row_coef[rows] if want_grads else None, want_loss=want_loss,
+                        row_coef[rows] if want_grads and not by_vocab else None, want_loss=want_loss,
                         want_log_p=log_p_out is not None and want_loss, row_offset=start)
         del z
         if want_loss:
             per_token[rows] = res.per_token
         if res.log_p_t is not None:
             log_p_out[rows] = res.log_p_t
-        if not want_grads:
+        if by_vocab:
+            stats.append(res.row_stats)
+        if not want_grads or by_vocab:
             continue
         g = res.grad                                                   # [c, v_real] compute dtype, over p
         grad_h[rows] += (g if g.dtype == hidden.dtype else g.to(hidden.dtype)) @ w_real
         grad_w[:v_real].addmm_(g.T, h if h.dtype == dtype else h.to(dtype))
         if grad_b is not None:
             grad_b[:v_real] += g.sum(0)
+    if by_vocab:
+        del work
+        row_stats = RowStats(*(torch.cat(t) for t in zip(*((s.shift, s.log_norm, s.w_total) for s in stats))))
+        grad_w = vocab_walk(hidden, weight, bias, target_local, row_stats, row_coef, k, v_real, block, grad_h,
+                            grad_b)
     if want_grads and world > 1:
         dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=group)
     return per_token, grad_h, grad_w, grad_b
+
+
+def vocab_walk(hidden, weight, bias, target_local, stats: RowStats, row_coef, k: DeceConstants, v_real: int,
+               block: tuple[int, int], grad_h: torch.Tensor, grad_b: torch.Tensor | None) -> torch.Tensor:
+    """The gradients block by block of ``block[1]`` vocabulary columns -> the weight gradient ``[V_shard, H]`` in
+    the weight's dtype. Per block, ``block[0]`` rows at a time: the logits ``hidden_r @ weight_b.T``, their
+    gradient ``dz`` from the rows' global ``stats`` (``chunk_driver.block_gradient``, no collective),
+    ``grad_h[rows] += dz @ weight_b`` (``grad_h`` fp32 ``[N, H]``, added into) and ``grad_weight_b = dz.T @
+    hidden``, written once. With every row in one tile a bf16 / fp16 ``dz`` is rounded once into the inputs'
+    dtype for both matmuls (as the rows walk does for ``grad_hidden``); with several row tiles the weight
+    gradient is summed in fp32 first. ``grad_b`` (fp32, or None) receives the bias gradient."""
+    n_rows, dtype = hidden.shape[0], compute_dtype(hidden.dtype)
+    tile_rows, cols = block
+    grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=hidden.device)
+    one_tile = tile_rows >= n_rows
+    low = dtype != hidden.dtype
+    acc = None if one_tile else torch.empty(min(cols, v_real), hidden.shape[1], dtype=dtype, device=hidden.device)
+    work, g_low = None, None
+    for v0 in range(0, v_real, cols):
+        v1 = min(v0 + cols, v_real)
+        w_b = weight[v0:v1]
+        if work is None or work.cols != v1 - v0:   # the first block, and a narrower last one
+            work = g_low = None
+            work = WorkBuffers(min(tile_rows, max(n_rows, 1)), v1 - v0, hidden.device, dtype)
+            if low:
+                g_low = torch.empty(min(tile_rows, n_rows), v1 - v0, dtype=hidden.dtype, device=hidden.device)
+        if acc is not None:
+            acc[:v1 - v0].zero_()
+        for r0 in range(0, n_rows, tile_rows):
+            rows = slice(r0, min(r0 + tile_rows, n_rows))
+            h = hidden[rows]
+            z = h @ w_b.T if bias is None else torch.addmm(bias[v0:v1], h, w_b.T)
+            g = block_gradient(z, target_local[rows] - v0, RowStats(stats.shift[rows], stats.log_norm[rows],
+                                                                    stats.w_total[rows]),
+                               row_coef[rows], k, work)              # compute dtype, over scratch
+            del z
+            if grad_b is not None:
+                grad_b[v0:v1] += g.sum(0)
+            g_in = g if g_low is None else g_low[:g.shape[0]].copy_(g)   # hidden's dtype
+            grad_h[rows] += g_in @ w_b
+            if acc is None:
+                torch.mm(g_in.T, h, out=grad_w[v0:v1])
+            else:
+                acc[:v1 - v0].addmm_(g.T, h if h.dtype == dtype else h.to(dtype))
+        if acc is not None:
+            grad_w[v0:v1].copy_(acc[:v1 - v0])
+    return grad_w
 
 
 class FusedLinearDeceFunction(torch.autograd.Function):
@@ -103,14 +168,15 @@ class FusedLinearDeceFunction(torch.autograd.Function):
         reduction   "mean" | "sum" | "none"; num_items_in_batch: divisor of the sum, or None
         chunk_rows  rows per chunk (int); log_p_out: optional ``[N]`` fp32, receives log p_t
     Output: fp32 scalar (mean / sum) or ``[N]`` (none).
-    Saved: mean / sum: the finished fp32 gradients ``grad_hidden`` ``[N, H]``, ``grad_weight`` ``[V_shard, H]``
-    (and ``grad_bias`` ``[V_shard]``), cast to the inputs' dtypes in backward; none: the inputs, and the
+    Saved: mean / sum: the finished gradients ``grad_hidden`` ``[N, H]`` fp32, ``grad_weight`` ``[V_shard, H]``
+    (fp32 on the rows walk, the weight's dtype on the vocabulary walk) and ``grad_bias`` ``[V_shard]`` fp32, cast to
+    the inputs' dtypes in backward; none: the inputs, and the
     backward walks the chunks again with each row's upstream gradient.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, valid, k, shard, group, reduction, num_items_in_batch,
-                chunk_rows, log_p_out=None):
+                chunk_rows, log_p_out=None, walk="rows", block=None):
         target_local = target - shard.vocab_start_index
         dtype = compute_dtype(hidden.dtype)
         row_scale, divisor = _row_scale(valid, reduction, num_items_in_batch, dtype)
@@ -118,10 +184,10 @@ class FusedLinearDeceFunction(torch.autograd.Function):
         grads_now = need_grad and reduction != "none"
         per_token, g_h, g_w, g_b = _fused_pass(hidden, weight, bias, target_local, valid, k, shard, group,
                                                row_scale * k.alpha if grads_now else None, chunk_rows, True,
-                                               log_p_out)
+                                               log_p_out, walk, block)
         ctx.reduction = reduction
         ctx.params = (weight, bias)  # ZeRO-3: re-gathered in backward if partitioned again by then
-        ctx.meta = (k, shard, group, chunk_rows)
+        ctx.meta = (k, shard, group, chunk_rows, walk, block)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         if grads_now:
             ctx.save_for_backward(g_h, g_w, g_b)
@@ -133,20 +199,20 @@ class FusedLinearDeceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        k, shard, group, chunk_rows = ctx.meta
+        k, shard, group, chunk_rows, walk, block = ctx.meta
         h_dtype, w_dtype, b_dtype = ctx.dtypes
         if ctx.reduction == "none":
             refuse_double_backward()
             hidden, weight, bias, target_local, valid = ctx.saved_tensors
             coef = grad_output.reshape(-1).to(compute_dtype(hidden.dtype)) * valid * k.alpha
             _, g_h, g_w, g_b = _fused_pass(hidden, weight, bias, target_local, valid, k, shard, group,
-                                           coef, chunk_rows, False)
+                                           coef, chunk_rows, False, walk=walk, block=block)
         else:
             g_h, g_w, g_b = saved_gradients(ctx, grad_output, ctx.reduction)
         for param in ctx.params:
             gather_for_grad_accumulation(param)
         return (g_h.to(h_dtype), g_w.to(w_dtype), None if g_b is None else g_b.to(b_dtype),
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None)
 
 
 def _is_partitioned(param) -> bool:
@@ -194,7 +260,7 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
                       global_vocab_size: int | None = None, chunk_size: int | None = None,
                       log_p_out: torch.Tensor | None = None, z_loss: float = 0.0,
                       logit_softcap: float | None = None, chunk_budget_bytes: int | None = None,
-                      backend: str = "eager") -> torch.Tensor:
+                      backend: str = "eager", weight_grad_walk: str = "auto") -> torch.Tensor:
     """DeCE of ``hidden @ weight.T (+ bias)`` against ``target`` without materialising the logits.
 
     ``log_p_out`` (``[N]`` float32, optional) receives each token's ``log p_t`` (0 on ignored tokens) from
@@ -205,8 +271,12 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
     rank's shard with ``tp_group``), ``bias`` ``[V_shard]`` of weight's dtype, ``target`` ``[...]`` int64.
     ``chunk_size``: tokens per chunk, a positive int; else ``chunk_budget_bytes`` of ``[chunk, V_shard]`` scratch
     set it (``dece_ds.ops.chunk_budget``, default 128 MiB, independent of V). ``z_loss`` and ``logit_softcap``
-    as ``dece_loss`` (the cap applies to ``hidden @ weight.T + bias``); ``backend`` as ``dece_loss``'s. Returns as ``dece_loss``; backward rules as
-    ``dece_loss``'s.
+    as ``dece_loss`` (the cap applies to ``hidden @ weight.T + bias``); ``backend`` as ``dece_loss``'s.
+    ``weight_grad_walk``: how the weight gradient is formed (``chunk_budget.weight_grad_walk``): ``"rows"`` adds
+    every chunk into one fp32 accumulator (3 matmuls, the accumulator read and written once per chunk);
+    ``"vocab"`` recomputes the logits block by block of the vocabulary and writes each block once, in the
+    weight's dtype (4 matmuls); ``"auto"`` (default) takes ``"vocab"`` when the budget's chunks are short
+    (large V). Returns as ``dece_loss``; backward rules as ``dece_loss``'s.
     """
     check_float_tensor(hidden, "hidden")
     check_float_tensor(weight, "weight")
@@ -243,6 +313,8 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
                                     budget_bytes=chunk_budget_bytes, chunk_size=chunk_size,
                                     logit_softcap=logit_softcap is not None, backend=backend)
         check_log_p_out(log_p_out, h.shape[0], h.device)
+        walk = weight_grad_walk_for(weight_grad_walk, h.shape[0], chunk_rows)
+        block = vocab_block(h.shape[0], shard.real_size, chunk_rows) if walk == "vocab" else None
         loss = FusedLinearDeceFunction.apply(h, weight, bias, t, valid, k, shard, group, reduction,
-                                             num_items_in_batch, chunk_rows, log_p_out)
+                                             num_items_in_batch, chunk_rows, log_p_out, walk, block)
     return loss.reshape(out_shape) if reduction == "none" else loss

@@ -42,8 +42,10 @@ Logits and loss memory (``V_local = V / tp`` with the vocab-parallel head; logit
     dece        the logits + one ``N x V_local`` gradient buffer in the logits dtype (written in the
                 forward) + ``[chunk, V_local]`` scratch (three fp32 buffers)
     fused       no ``N x V`` tensor: ``[chunk, V_local]`` scratch (three fp32 buffers, the chunk's logits and,
-                for bf16 / fp16, its gradient in the training dtype), the fp32 head-weight gradient
-                ``V_local x h`` and the fp32 ``grad_hidden`` ``N x h``
+                for bf16 / fp16, its gradient in the training dtype), the head-weight gradient ``V_local x h``
+                (an fp32 accumulator on the rows walk; in the training dtype on the vocabulary walk that
+                chunks shorter than 128 rows take: ``chunk_budget.weight_grad_bytes``) and the fp32
+                ``grad_hidden`` ``N x h``
     ``chunk`` and the scratch bytes per element come from ``dece_ds.ops.chunk_budget`` (the ops' own rule):
     rows = budget // (V_local * bytes per element), default budget 16 MiB unfused and 128 MiB fused, so
     the fused scratch stays near 128 MiB whatever V is. The ``dece`` section's ``chunk_budget_mib``,
@@ -251,6 +253,7 @@ def _scratch_per_element(inp: PlanInput, fused: bool) -> int:
 
 
 def loss_memory(shape: ModelShape, inp: PlanInput) -> dict[str, int]:
+    from ..ops.chunk_budget import weight_grad_bytes
     N, V, b, h = inp.tokens, vocab_local(shape, inp.tp), DTYPE_BYTES[inp.dtype], shape.hidden_size
     c, cf = chunk_rows(N, V, inp=inp), chunk_rows(N, V, fused=True, inp=inp)
     logits = N * V * b
@@ -258,7 +261,8 @@ def loss_memory(shape: ModelShape, inp: PlanInput) -> dict[str, int]:
     return {
         "ce": logits + ce_buffers * 4 * N * V,
         "dece": logits + N * V * b + _scratch_per_element(inp, fused=False) * c * V,
-        "fused": _scratch_per_element(inp, fused=True) * cf * V + 4 * V * h + 4 * N * h,
+        "fused": _scratch_per_element(inp, fused=True) * cf * V + weight_grad_bytes(N, V, h, cf, dtype=inp.dtype)
+                 + 4 * N * h,
     }
 
 

@@ -30,6 +30,18 @@ def test_merge_replaces_the_cells_measured_again_and_keeps_the_rest_in_grid_orde
     assert [r["method"] for r in merged[:len(METHODS)]] == METHODS
 
 
+def test_merge_of_some_methods_keeps_the_others_and_forms_the_ratios_again():
+    kept = rows("float32", 4096, 1024, 151936, 10.0)
+    new = [{**r, "method": "fused_linear_dece(vocab walk)", "time_ms": 5.0, "peak_extra_mib": 50.0}
+           for r in rows("float32", 4096, 1024, 151936, 5.0, sha="bbbbbbb")[:1]]
+    merged = bench.merge_rows(kept, new)
+    assert len(merged) == len(METHODS) + 1
+    walk = next(r for r in merged if r["method"] == "fused_linear_dece(vocab walk)")
+    # against torch's row of the earlier run: 5 / 10 ms, 50 / 100 MiB
+    assert walk["time_vs_torch"] == 0.5 and walk["mem_vs_torch"] == 0.5 and walk["goal_time"] == "yes"
+    assert [r["method"] for r in merged][-1] == "fused_linear_dece(vocab walk)"
+
+
 def test_missing_cells_of_the_grid():
     have = rows("float32", 4096, 1024, 32000, 1.0)
     grid = {"n": [4096], "h": [1024, 2048], "v": [32000], "dtype": ["float32", "bfloat16"]}

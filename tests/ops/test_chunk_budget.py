@@ -90,3 +90,33 @@ def test_results_do_not_depend_on_the_budget(dtype):
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_weight_grad_walk_rule():
+    from dece_ds.ops.chunk_budget import weight_grad_walk
+    assert weight_grad_walk("auto", 4096, 55) == "vocab"      # V 151936, the default budget: short chunks
+    assert weight_grad_walk("auto", 4096, 262) == "rows"      # V 32000: long enough
+    assert weight_grad_walk("auto", 40, 55) == "rows"         # one chunk: the weight gradient is written once
+    assert weight_grad_walk("rows", 4096, 1) == "rows" and weight_grad_walk("vocab", 10, 100) == "vocab"
+    with pytest.raises(ValueError, match="weight_grad_walk: expected one of"):
+        weight_grad_walk("columns", 10, 1)
+
+
+def test_vocab_block_keeps_a_row_chunk_of_scratch():
+    from dece_ds.ops.chunk_budget import vocab_block
+    # 55 rows x 151936 columns = 8356480 elements; over 4096 rows that is 2040 columns
+    assert vocab_block(4096, 151936, 55) == (4096, 2040)
+    # 64 x 2000 over 4000 rows would be 32 columns: keep 256 columns, 500 rows
+    assert vocab_block(4000, 2000, 64) == (500, 256)
+    # a shard narrower than 256 columns is one block
+    assert vocab_block(1000, 200, 1) == (1, 200)
+    assert vocab_block(10, 200, 100) == (10, 200)
+
+
+def test_weight_grad_bytes_by_hand():
+    from dece_ds.ops.chunk_budget import weight_grad_bytes
+    assert weight_grad_bytes(4096, 32000, 1024, 262) == 4 * 32000 * 1024                     # rows: fp32
+    assert weight_grad_bytes(4096, 151936, 1024, 55, dtype=torch.bfloat16) == 2 * 151936 * 1024
+    assert weight_grad_bytes(4096, 151936, 1024, 55) == 4 * 151936 * 1024
+    # 500-row tiles of 256 columns: + a [256, H] fp32 block accumulator
+    assert weight_grad_bytes(4000, 2000, 8, 64, dtype=torch.bfloat16) == 2 * 2000 * 8 + 4 * 256 * 8

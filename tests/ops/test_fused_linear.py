@@ -47,10 +47,12 @@ TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.bfloat16: dict(rtol=5e-2
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("chunk_size", [1, 7, 1000])
-def test_matches_float64_reference(dtype, reduction, chunk_size):
+@pytest.mark.parametrize("walk", ["rows", "vocab"])
+def test_matches_float64_reference(dtype, reduction, chunk_size, walk):
     h, w, b, t = _inputs(dtype, bias=chunk_size == 7)
     hl, wl, bl = _leaf(h, dtype), _leaf(w, dtype), _leaf(b, dtype)
-    loss = fused_linear_dece(hl, wl, t, alpha=0.9, reduction=reduction, bias=bl, chunk_size=chunk_size)
+    loss = fused_linear_dece(hl, wl, t, alpha=0.9, reduction=reduction, bias=bl, chunk_size=chunk_size,
+                             weight_grad_walk=walk)
     (loss.sum() if reduction == "none" else loss).backward()
     ref = _reference(h, w, b, t, reduction=reduction, alpha=0.9)
     assert hl.grad.dtype == dtype and wl.grad.dtype == dtype
@@ -151,7 +153,8 @@ def test_double_backward_is_refused(reduction):
         torch.autograd.grad(loss.sum(), (hl, wl), create_graph=True)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("walk", ["rows", "vocab"])
+def test_gradcheck_float64(walk):
     g = torch.Generator().manual_seed(1)
     h = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(9, 4, dtype=torch.float64, generator=g, requires_grad=True)
@@ -160,7 +163,7 @@ def test_gradcheck_float64():
     for reduction in ("mean", "none"):
         assert torch.autograd.gradcheck(
             lambda h, w, b: fused_linear_dece(h, w, t, alpha=0.8, bias=b, reduction=reduction, chunk_size=4,
-                                              prob_floor=0.0), (h, w, b))
+                                              prob_floor=0.0, weight_grad_walk=walk), (h, w, b))
 
 
 def test_all_ignored_chunks_and_batch():
@@ -217,14 +220,14 @@ def test_never_allocates_n_by_v(monkeypatch):
     assert max(created) <= max(big_v * H, 4000 * H, 64 * big_v) < 4000 * big_v / 10
 
 
-def _tp_rank(rank, world, dtype, reduction):
+def _tp_rank(rank, world, dtype, reduction, walk="auto"):
     h, w, b, t = _inputs(dtype, bias=True)
     starts = [0, 120, V]  # uneven shards
     lo, hi = starts[rank], starts[rank + 1]
     hl = _leaf(h, dtype)
     wl, bl = _leaf(w[lo:hi], dtype), _leaf(b[lo:hi], dtype)
     loss = fused_linear_dece(hl, wl, t, alpha=0.9, bias=bl, reduction=reduction, tp_group=dist.group.WORLD,
-                             vocab_start_index=lo, global_vocab_size=V, chunk_size=8)
+                             vocab_start_index=lo, global_vocab_size=V, chunk_size=8, weight_grad_walk=walk)
     (loss.sum() if reduction == "none" else loss).backward()
     ref = _reference(h, w, b, t, reduction=reduction, alpha=0.9)
     tol = TOL[dtype]
@@ -236,7 +239,27 @@ def _tp_rank(rank, world, dtype, reduction):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,reduction", [(torch.float32, "mean"), (torch.bfloat16, "mean"),
-                                             (torch.float32, "none")])
-def test_tensor_parallel_two_ranks(dtype, reduction):
-    run_distributed(_tp_rank, 2, dtype, reduction)
+@pytest.mark.parametrize("dtype,reduction,walk", [(torch.float32, "mean", "rows"), (torch.bfloat16, "mean", "rows"),
+                                                  (torch.float32, "none", "rows"), (torch.float32, "none", "vocab")])
+def test_tensor_parallel_two_ranks(dtype, reduction, walk):
+    run_distributed(_tp_rank, 2, dtype, reduction, walk)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_size", [5, 16])   # tiles of 13 rows x 256 columns / of all 20 rows x 560 columns
+def test_vocab_walk_over_several_blocks_and_a_ragged_last_one(dtype, chunk_size):
+    g = torch.Generator().manual_seed(3)
+    n, v = 20, 700
+    h = torch.randn(n, H, generator=g, dtype=torch.float64)
+    w = torch.randn(v, H, generator=g, dtype=torch.float64) * 0.4
+    b = torch.randn(v, generator=g, dtype=torch.float64)
+    t = torch.randint(0, v, (n,), generator=g)
+    t[::6] = -100
+    t[1], t[2] = v - 1, 0      # targets in the last and the first block
+    hl, wl, bl = _leaf(h, dtype), _leaf(w, dtype), _leaf(b, dtype)
+    loss = fused_linear_dece(hl, wl, t, alpha=0.9, bias=bl, chunk_size=chunk_size, weight_grad_walk="vocab")
+    loss.backward()
+    ref = _reference(h, w, b, t, alpha=0.9)
+    tol = TOL[dtype]
+    for got, want in zip((loss, hl.grad, wl.grad, bl.grad), ref):
+        torch.testing.assert_close(got.double(), want, **tol)

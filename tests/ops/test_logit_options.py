@@ -1,6 +1,7 @@
 """z-loss and logit soft-capping on every path (single device, fused linear; 2-rank TP in tests/parallel) against
 the float64 reference written from the formula (dece_ds.ops.reference), value and gradient; the single-device
-case on both backends (eager stages and the compiled kernels of dece_ds/ops/compiled.py)."""
+case on both backends (eager stages and the compiled kernels of dece_ds/ops/compiled.py), the fused case on both
+ways of forming the weight gradient (the rows walk and the vocabulary walk)."""
 
 from __future__ import annotations
 
@@ -84,7 +85,8 @@ def test_gradcheck_float64():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("opts", OPTIONS)
-def test_fused_linear_matches_reference(dtype, opts):
+@pytest.mark.parametrize("walk,backend", [("rows", "eager"), ("vocab", "eager"), ("vocab", "compile")])
+def test_fused_linear_matches_reference(dtype, opts, walk, backend):
     g = torch.Generator().manual_seed(1)
     n, hid, v = 33, 24, 203
     h = torch.randn(n, hid, generator=g, dtype=torch.float64)
@@ -93,7 +95,8 @@ def test_fused_linear_matches_reference(dtype, opts):
     t = torch.randint(0, v, (n,), generator=g)
     t[::4] = -100
     hl, wl, bl = (a.to(dtype).requires_grad_() for a in (h, w, b))
-    loss = fused_linear_dece(hl, wl, t, bias=bl, alpha=0.9, chunk_size=8, **opts)
+    loss = fused_linear_dece(hl, wl, t, bias=bl, alpha=0.9, chunk_size=8, weight_grad_walk=walk, backend=backend,
+                             **opts)
     loss.backward()
     h64, w64, b64 = (a.to(dtype).double().requires_grad_() for a in (h, w, b))
     ref = reference_dece_loss(h64 @ w64.T + b64, t, alpha=0.9, dtype=torch.float64, **opts)
