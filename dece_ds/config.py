@@ -100,6 +100,11 @@ class DeceConfig(BaseModel):
                              "C++ compiler must be installed). Same values to float rounding (dece_ds.ops.compiled).")
     fused_linear: bool = Field(
         False, description="Compute the loss from hidden states and the lm_head weight, never the full logits.")
+    fused_weight_grad_walk: Literal["auto", "rows", "vocab"] = Field(
+        "auto", description="How fused_linear forms the head's weight gradient: rows (every token chunk adds into "
+                            "one fp32 [V, H] accumulator), vocab (the logits recomputed block by block of the "
+                            "vocabulary, each gradient block written once in the weight's dtype) or auto (vocab "
+                            "when the chunks are shorter than 128 tokens; dece_ds.ops.chunk_budget).")
     ce_warmup_epochs: int = Field(
         0, ge=0, description="Plain label-smoothed CE (alpha = 1) for the first N epochs, then DeCE.")
     alpha_min: float = Field(

@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = {
     "enabled": True, "label_smoothing": 0.05, "alpha_base": 0.99, "schedule": "epoch",
     "steps_per_epoch": None, "prob_floor": 1e-7, "ignore_index": -100, "reduction": "mean",
-    "chunk_size": None, "chunk_budget_mib": None, "z_loss": 0.0, "logit_softcap": None, "backend": "eager", "fused_linear": False, "ce_warmup_epochs": 0,
+    "chunk_size": None, "chunk_budget_mib": None, "z_loss": 0.0, "logit_softcap": None, "backend": "eager", "fused_linear": False,
+    "fused_weight_grad_walk": "auto", "ce_warmup_epochs": 0,
     "alpha_min": 0.0, "preset": None,
     "audit": None,
 }
@@ -41,6 +42,7 @@ VALID = [
     ("alpha_min", 0.5), ("alpha_min", 0.99), ("preset", "paper"), ("preset", "backdoor_guard"),
     ("z_loss", 1e-4), ("z_loss", 0.0), ("logit_softcap", 30.0), ("logit_softcap", None), ("chunk_budget_mib", 64),
     ("chunk_budget_mib", 0.5), ("backend", "compile"), ("backend", "eager"),
+    ("fused_weight_grad_walk", "rows"), ("fused_weight_grad_walk", "vocab"),
 ]
 
 INVALID = [
@@ -53,6 +55,7 @@ INVALID = [
     ("alpha_min", -0.1), ("alpha_min", 1.5), ("alpha_min", 0.995), ("preset", "guard"), ("preset", 1), ("preset", ["paper"]),
     ("z_loss", -1e-4), ("z_loss", float("inf")), ("logit_softcap", 0.0), ("logit_softcap", -3.0),
     ("chunk_budget_mib", 0), ("chunk_budget_mib", -1.0), ("backend", "jit"), ("backend", None),
+    ("fused_weight_grad_walk", "columns"), ("fused_weight_grad_walk", None),
 ]
 
 

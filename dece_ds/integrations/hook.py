@@ -245,7 +245,7 @@ class DeceHook(CausalLMLossHook):
             num_items_in_batch=self._num_items(num_items_in_batch), bias=getattr(self.head, "bias", None),
             tp_group=shard.tp_group if shard else None, vocab_start_index=shard.vocab_start_index if shard else None,
             global_vocab_size=shard.global_vocab_size if shard else None, log_p_out=log_p_out,
-            **loss_options(cfg, self.model_softcap))
+            weight_grad_walk=cfg.fused_weight_grad_walk, **loss_options(cfg, self.model_softcap))
 
     # ---- install: the audit pre-hook; in "hidden" mode a pass-through head (fused_head.py)
     def _install_extras(self, model: nn.Module) -> None:

@@ -124,3 +124,27 @@ def test_logit_scaling_is_refused():
     model.config.logit_scale = 2.0
     with pytest.raises(ValueError, match="logit_scale"):
         apply_fused_linear_dece(model, DeceConfig())
+
+
+@pytest.mark.parametrize("walk", ["rows", "vocab"])
+def test_weight_grad_walk_from_the_section(walk, monkeypatch):
+    """``fused_weight_grad_walk`` reaches the fused loss, whose head gradient equals the float64 formula's on the
+    model's own logits with either walk."""
+    import dece_ds.integrations.hook as hook_module
+    seen = []
+    real = hook_module.fused_linear_dece
+    monkeypatch.setattr(hook_module, "fused_linear_dece",
+                        lambda *a, **kw: seen.append(kw["weight_grad_walk"]) or real(*a, **kw))
+    torch.manual_seed(0)
+    model = _tiny("llama").float().eval()
+    ids, labels = _batch()
+    target = torch.cat([labels[:, 1:], torch.full((3, 1), -100)], dim=1)
+    dece64(model(ids).logits.double().reshape(-1, V), target.reshape(-1), alpha=0.9, eps=0.05,
+           floor=1e-7).backward()
+    want = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    handle = apply_fused_linear_dece(model, DeceConfig(alpha_base=0.9, fused_weight_grad_walk=walk, chunk_size=5))
+    model(ids, labels=labels).loss.backward()
+    handle.revert()
+    assert seen == [walk]
+    torch.testing.assert_close(model.lm_head.weight.grad.double(), want.double(), rtol=1e-4, atol=1e-6)
