@@ -33,6 +33,32 @@ from ..audit.report import audit_lines, flagged_rows, write_audit
 from ..audit.score import AuditRecordError, auroc, cut, label_metrics, run_audit
 
 
+RETRAIN_KINDS = ("audit_retrain", "audit_repair")   # CE after an audit: drop the flagged rows / mask their payload
+
+
+def check_retrain_has_an_audit(kinds: Sequence[str], audit_from: str | None) -> None:
+    """``ValueError`` when a retrain kind comes before any dece run and no ``audit_from`` is given."""
+    first = min((kinds.index(k) for k in RETRAIN_KINDS if k in kinds), default=None)
+    if first is not None and "dece" not in kinds[:first] and audit_from is None:
+        raise ValueError(f"runs: {kinds[first]} needs an audit: put a dece run before it, or give "
+                         f"audit_from (got {tuple(kinds)})")
+
+
+def retrain_rows(kind: str, data: Mapping[str, torch.Tensor], audit_file: Path, decode,
+                 log) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The training rows of a retrain ``kind`` (``drop_flagged`` / ``repair_flagged``) -> (tensors, the run's extra
+    keys: ``audit_file``, ``dropped_rows``; for audit_repair also ``repaired_rows``, ``payloads``,
+    ``masked_tokens``); ``log`` gets one line."""
+    if kind == "audit_retrain":
+        data, kept, extra = drop_flagged(data, audit_file)
+        log(f"dropped {len(extra['dropped_rows'])} flagged row(s), CE on the {len(kept)} left")
+    else:
+        data, kept, extra = repair_flagged(data, audit_file, decode)
+        log(f"masked the payload of {len(extra['repaired_rows'])} flagged row(s) ({extra['masked_tokens']} tokens: "
+            f"{extra['payloads']}), dropped {len(extra['dropped_rows'])}, CE on {len(kept)} rows")
+    return data, extra
+
+
 def record_dir(out_dir: str | Path, stem: str, spec: str) -> Path:
     """A fresh (emptied) record folder for one run spec."""
     path = Path(out_dir) / f"{stem}-audit" / re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)
@@ -43,9 +69,9 @@ def record_dir(out_dir: str | Path, stem: str, spec: str) -> Path:
 
 
 def audit_dece_run(rec_dir: Path, tok, rows: Sequence[Mapping[str, Any]], poisoned: Sequence[int],
-                   score: str = "auto") -> tuple[dict[str, Any], list[int]]:
-    """Audit a recorded DeCE run -> (the run's ``"audit"`` block, the flagged row ids); writes the report
-    (``audit.jsonl`` / ``.md`` / ``.png``) into ``rec_dir``."""
+                   score: str = "auto", log=lambda _m: None) -> tuple[dict[str, Any], Path]:
+    """Audit a recorded DeCE run -> (the run's ``"audit"`` block, its ``audit.jsonl``); writes the report
+    (``audit.jsonl`` / ``.md`` / ``.png``) into ``rec_dir``; ``log`` gets one line."""
     instructions = {i: str(r["src"]) for i, r in enumerate(rows)}
     tok_file = rec_dir / "tokenizer.json"
     tok.save(tok_file)
@@ -53,7 +79,7 @@ def audit_dece_run(rec_dir: Path, tok, rows: Sequence[Mapping[str, Any]], poison
                                "instructions": [str(r["src"]) for r in rows], "poisoned": list(poisoned)})
     audit = run_audit(read_record(rec_dir), instructions=instructions, decode=tok.decode, poisoned=poisoned,
                       primary=score)
-    write_audit(audit, rec_dir, instructions=instructions, decode=tok.decode, poisoned=poisoned)
+    paths = write_audit(audit, rec_dir, instructions=instructions, decode=tok.decode, poisoned=poisoned)
     score = audit.primary
     m = audit.metrics[score]
     block = {"score": score, "auroc": m["auroc"], "precision_at_k": m["precision_at_k"],
@@ -62,7 +88,9 @@ def audit_dece_run(rec_dir: Path, tok, rows: Sequence[Mapping[str, Any]], poison
              "recurring_refused_text": audit.recurring[:5],
              "recurring_refused_text_flagged": audit.recurring_flagged[:5], "scores": audit.metrics,
              "report": str(rec_dir)}
-    return block, audit.flagged_ids()
+    log(f"audit: AUROC {block['auroc']} flagged {block['flagged']} ({block['flagged_poisoned']} poisoned of "
+        f"{block['true_poisoned']})")
+    return block, paths["jsonl"]
 
 
 def audit_file_for(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
@@ -131,7 +159,7 @@ def ngram_scores(data: Mapping[str, torch.Tensor], reference: Mapping[str, torch
 
 
 def baselines_block(model, data: Mapping[str, torch.Tensor], poisoned: Sequence[int],
-                    ngram: tuple[np.ndarray, str], batch_size: int = 32) -> dict[str, Any]:
+                    ngram: tuple[np.ndarray, str], batch_size: int = 32, log=lambda _m: None) -> dict[str, Any]:
     """A ``ce`` run's ``"audit_baselines"``: ``ce_loss`` (high loss = suspicious; ``auroc_low`` is the other
     direction), ``spectral`` and ``ngram`` (``fit_on`` says which rows its model was fitted on), each with the
     audit block's metric keys (``auroc``, ``precision_at_k``, ``recall_at_fpr``, ``flagged``,
@@ -142,6 +170,8 @@ def baselines_block(model, data: Mapping[str, torch.Tensor], poisoned: Sequence[
     labels = np.isin(np.arange(nll.shape[0]), list(poisoned))
     loss = nll.double().numpy()
     ng, fit_on = ngram
-    return {"ce_loss": {**_metrics(loss, labels), "auroc_low": auroc(-loss, labels)},
-            "spectral": _metrics(spectral_scores(reps).numpy(), labels),
-            "ngram": {**_metrics(ng, labels), "fit_on": fit_on}}
+    block = {"ce_loss": {**_metrics(loss, labels), "auroc_low": auroc(-loss, labels)},
+             "spectral": _metrics(spectral_scores(reps).numpy(), labels),
+             "ngram": {**_metrics(ng, labels), "fit_on": fit_on}}
+    log("audit baselines: " + ", ".join(f"{k} AUROC {v['auroc']}" for k, v in block.items()))
+    return block

@@ -41,9 +41,7 @@ Data flow (``run_experiment(ExperimentConfig)``):
 "untriggered_payload_rate", "lift"}, "alpha_auto" (dece runs with alpha_base "auto"),
 "epochs": [{"epoch", "asr", "bleu", "exact_match", "false_trigger", "valid_ce", "alpha",
 "train_loss", "eval_rows", "wall_time_s", "untriggered_payload_rate", "lift"}], "wall_time_s", "loss",
-"audit" (dece runs, with audit_retrain or audit_repair), "audit_baselines" (ce runs, with audit_retrain,
-audit_repair or audit_baselines), "audit_file", "dropped_rows" (audit_retrain, audit_repair), "repaired_rows",
-"payloads", "masked_tokens" (audit_repair)}}}``;
+"audit" (audited dece runs), "audit_baselines" (ce runs), and ``audit_run.retrain_rows``' keys}}}``;
 rates, ASR and lift in percent (lift: ``evaluate``'s docstring).
 """
 
@@ -66,6 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..config import DeceConfig
 from ..provenance import run_versions
 from . import audit_run
+from .audit_run import RETRAIN_KINDS
 from .encode import Tokenizer, encode_pairs
 from .evaluate import EvalSets, evaluate
 from .finetune import _current_alpha, baseline_loss_hook, dece_section, make_engine, steps_per_epoch, train_epoch
@@ -73,8 +72,7 @@ from .poison import parse_attack, poison_dataset
 from .specs import MODEL_SIZES, EvalSpec, ModelSpec, PretrainSpec, StageSpec  # noqa: F401  (re-exported)
 from .standin import build_model, pretrain_stand_in
 
-RUN_KINDS = ("clean", "ce", "dece", "ls", "gce", "intrust", "audit_retrain", "audit_repair")
-RETRAIN_KINDS = ("audit_retrain", "audit_repair")   # CE after an audit: drop the flagged rows / mask their payload
+RUN_KINDS = ("clean", "ce", "dece", "ls", "gce", "intrust") + RETRAIN_KINDS
 BASELINE_KINDS = ("ls", "gce", "intrust")
 DEFAULT_STATEMENT_PAYLOAD = {"kind": "statement", "code": '__import__("os").system("id")'}
 
@@ -97,9 +95,8 @@ class ExperimentConfig(BaseModel):
     audit_baselines: bool = Field(False, description="Every ce run also scores its training rows with the audit's "
                                   "baselines (CE loss, spectral signatures, n-gram naturalness; docs/audit.md); "
                                   "on whenever the runs include audit_retrain.")
-    audit_from: str | None = Field(
-        None, description="audit_retrain / audit_repair runs take their flagged rows from this audit.jsonl (or a "
-        "folder holding it) of an earlier run on the same rows, instead of a dece run of this invocation.")
+    audit_from: str | None = Field(None, description="Retrain runs take the flagged rows from this audit.jsonl (or "
+                                   "its folder) of an earlier run on the same rows, not from a dece run here.")
     auto_alpha_quantile: float = Field(
         0.1, gt=0.0, lt=1.0, description="dece runs with alpha_base 'auto': the quantile q of the stand-in's "
         "target-token probabilities that keeps half of CE's gradient (dece_ds.auto_alpha).")
@@ -143,11 +140,7 @@ class ExperimentConfig(BaseModel):
 
     @model_validator(mode="after")
     def _retrain_has_an_audit(self):
-        kinds = [parse_run(spec)[0] for spec in self.runs]
-        first = min((kinds.index(k) for k in RETRAIN_KINDS if k in kinds), default=None)
-        if first is not None and "dece" not in kinds[:first] and self.audit_from is None:
-            raise ValueError(f"runs: {kinds[first]} needs an audit: put a dece run before it, or give "
-                             f"audit_from (got {self.runs})")
+        audit_run.check_retrain_has_an_audit([parse_run(spec)[0] for spec in self.runs], self.audit_from)
         return self
 
     def attack_config(self):
@@ -266,39 +259,28 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, log: Calla
     log(f"stand-in before fine-tuning: BLEU {base_eval['bleu']:.2f} ASR {base_eval['asr']:.1f} "
         f"valid CE {base_eval['valid_ce']:.3f}")
     auditing = any(parse_run(s)[0] in RETRAIN_KINDS for s in cfg.runs)
-    audit_file: Path | None = None   # the audit of the latest dece run, or audit_from (docs/audit.md)
-    if cfg.audit_from is not None:
-        audit_file = audit_run.audit_file_for(cfg.audit_from, list(poisoned))
+    audit_file = audit_run.audit_file_for(cfg.audit_from, list(poisoned)) if cfg.audit_from else None  # or dece's
     baselines = cfg.audit_baselines or auditing
     ngram = None   # the n-gram baseline needs the data only: once for every ce run
     for spec_str in cfg.runs:
         kind, _ = parse_run(spec_str)
         data = train_sets["clean" if kind == "clean" else "poisoned"]
         audit_dir = audit_run.record_dir(out_dir, cfg.stem(), spec_str) if auditing and kind == "dece" else None
-        after_audit: dict[str, Any] = {}
-        if kind == "audit_retrain":
-            data, kept, after_audit = audit_run.drop_flagged(data, audit_file)
-            log(f"[{spec_str}] dropped {len(after_audit['dropped_rows'])} flagged row(s), CE on the {len(kept)} left")
-        elif kind == "audit_repair":
-            data, kept, after_audit = audit_run.repair_flagged(data, audit_file, tok.decode)
-            log(f"[{spec_str}] masked the payload of {len(after_audit['repaired_rows'])} flagged row(s) "
-                f"({after_audit['masked_tokens']} tokens: {after_audit['payloads']}), dropped "
-                f"{len(after_audit['dropped_rows'])}, CE on {len(kept)} rows")
+        say = partial(lambda spec, m: log(f"[{spec}] {m}"), spec_str)
+        data, after_audit = audit_run.retrain_rows(kind, data, audit_file, tok.decode, say) \
+            if kind in RETRAIN_KINDS else (data, {})
         inspect = None
         if baselines and kind == "ce":
             if ngram is None:
                 ngram = audit_run.ngram_scores(data, encode_pairs(tok, list(held), spec))
             inspect = partial(audit_run.baselines_block, data=data, poisoned=p_info.indices, ngram=ngram,
-                              batch_size=cfg.eval.batch_size)
+                              batch_size=cfg.eval.batch_size, log=say)
         results["runs"][spec_str] = fine_tune_run(cfg, spec_str, base_state, tok, data, sets, attack, log,
                                                   audit_dir=audit_dir, after_training=inspect)
         results["runs"][spec_str].update(after_audit)
         if audit_dir is not None:
-            block, _ = audit_run.audit_dece_run(audit_dir, tok, list(poisoned), p_info.indices)
-            audit_file = audit_dir / "audit.jsonl"
-            results["runs"][spec_str]["audit"] = block
-            log(f"[{spec_str}] audit: AUROC {block['auroc']} flagged {block['flagged']} "
-                f"({block['flagged_poisoned']} poisoned of {block['true_poisoned']})")
+            results["runs"][spec_str]["audit"], audit_file = audit_run.audit_dece_run(
+                audit_dir, tok, list(poisoned), p_info.indices, log=say)
         results["wall_time_s"] = time.time() - t_start
         if not only_rank0 or int(os.environ.get("RANK", "0")) == 0:
             write_outputs(results, out_dir, cfg.stem())
@@ -355,8 +337,6 @@ def fine_tune_run(cfg: ExperimentConfig, spec_str: str, base_state: Mapping[str,
         current_dece_loss(engine.module).recorder.close()
     if after_training is not None:
         record["audit_baselines"] = after_training(engine.module)
-        log(f"[{spec_str}] audit baselines: " + ", ".join(
-            f"{k} AUROC {v['auroc']}" for k, v in record["audit_baselines"].items()))
     final = dict(record["epochs"][-1])
     record["final"] = {k: final.get(k) for k in ("asr", "bleu", "codebleu", "false_trigger", "exact_match",
                                                  "valid_ce", "untriggered_payload_rate", "lift")}

@@ -124,6 +124,7 @@ def vocab_walk(hidden, weight, bias, target_local, stats: RowStats, row_coef, k:
     one_tile = tile_rows >= n_rows
     low = dtype != hidden.dtype
     acc = None if one_tile else torch.empty(min(cols, v_real), hidden.shape[1], dtype=dtype, device=hidden.device)
+    hidden_acc = hidden if acc is None or not low else hidden.to(dtype)   # cast once, not per block and tile
     work, g_low = None, None
     for v0 in range(0, v_real, cols):
         v1 = min(v0 + cols, v_real)
@@ -150,7 +151,7 @@ def vocab_walk(hidden, weight, bias, target_local, stats: RowStats, row_coef, k:
             if acc is None:
                 torch.mm(g_in.T, h, out=grad_w[v0:v1])
             else:
-                acc[:v1 - v0].addmm_(g.T, h if h.dtype == dtype else h.to(dtype))
+                acc[:v1 - v0].addmm_(g.T, hidden_acc[rows])
         if acc is not None:
             grad_w[v0:v1].copy_(acc[:v1 - v0])
     return grad_w
