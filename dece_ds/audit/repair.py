@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -87,10 +87,11 @@ def plan_repair(flagged: Sequence[tuple[int, str | None, Sequence[int] | None]],
             plan.drop.append(row)
         else:
             groups[(word, tuple(code))].append(row)
-    for (word, code), rows in groups.items():
+    # largest group first: a word's reported payload is that of most of its rows
+    for (word, code), rows in sorted(groups.items(), key=lambda g: -len(g[1])):
         targets = {r: labelled(labels[r], ignore_index)[1] for r in rows}
         payload = grow_payload(list(targets.values()), code)
-        plan.triggers[word] = payload
+        plan.triggers.setdefault(word, payload)
         for r in rows:
             if payload and find(targets[r], payload) >= 0:
                 plan.payloads[r] = payload
@@ -117,31 +118,43 @@ def mask_payloads(data: Mapping[str, torch.Tensor], payloads: Mapping[int, Seque
     return {**data, "labels": labels}, masked
 
 
-def read_flagged(audit_file: str | os.PathLike) -> list[dict]:
+def read_flagged(audit_file: str | os.PathLike,
+                 encode: Callable[[str], list[int]] | None = None) -> list[dict]:
     """The flagged rows of an ``audit.jsonl`` as dicts (``row``, ``trigger_word``, ``trigger_code_ids``,
-    ``instruction``); ``AuditRecordError`` for a missing file or a bad line, or a file written before the audit
-    kept ``trigger_code_ids`` (rescore it with ``dece-ds audit``)."""
+    ``instruction``); ``AuditRecordError`` for a missing file or a bad line.
+
+    A file written before the audit kept ``trigger_code_ids`` has the named code as text only
+    (``trigger_code``): with ``encode`` (the run's tokenizer, text -> ids) its ids are that text encoded, and
+    ``plan_repair`` drops a row whose labels do not hold them; without ``encode`` it is an error (rescore the run
+    with ``dece-ds audit``)."""
     out = []
     for n, rec in audit_lines(audit_file):
-        if "trigger_code_ids" not in rec:
+        if "trigger_code_ids" in rec:
+            code_ids = rec["trigger_code_ids"]
+        elif encode is not None:
+            code = rec.get("trigger_code")
+            code_ids = list(encode(code)) if code else None
+        else:
             raise AuditRecordError(f"{audit_file}: line {n} has no 'trigger_code_ids' (written by an older "
-                                   f"dece-ds; rescore the run with `dece-ds audit`)")
+                                   f"dece-ds; rescore the run with `dece-ds audit`, or repair with the run's "
+                                   f"tokenizer)")
         if rec["flagged"]:
             out.append({"row": rec["row"], "trigger_word": rec.get("trigger_word"),
-                        "trigger_code_ids": rec["trigger_code_ids"], "instruction": rec.get("instruction")})
+                        "trigger_code_ids": code_ids, "instruction": rec.get("instruction")})
     return out
 
 
 def repair_from_file(data: Mapping[str, torch.Tensor], audit_file: str | os.PathLike,
-                     row_ids: Sequence[int] | None = None,
-                     ignore_index: int = IGNORE_INDEX) -> tuple[dict[str, torch.Tensor], list[int], RepairPlan, int]:
+                     row_ids: Sequence[int] | None = None, ignore_index: int = IGNORE_INDEX,
+                     encode: Callable[[str], list[int]] | None = None,
+                     ) -> tuple[dict[str, torch.Tensor], list[int], RepairPlan, int]:
     """Repair ``data`` (``labels`` ``[N, L]``; row ``i`` has audit id ``row_ids[i]``, default ``i``) by an
     ``audit.jsonl`` -> (the repaired rows, their audit ids, the plan in audit ids, tokens masked). Flagged ids
-    not in ``row_ids`` are ignored (already gone)."""
+    not in ``row_ids`` are ignored (already gone). ``encode``: as in ``read_flagged``."""
     ids = list(range(data["labels"].shape[0])) if row_ids is None else [int(r) for r in row_ids]
     where = {r: i for i, r in enumerate(ids)}
     flagged = [(where[f["row"]], f["trigger_word"], f["trigger_code_ids"])
-               for f in read_flagged(audit_file) if f["row"] in where]
+               for f in read_flagged(audit_file, encode) if f["row"] in where]
     local = plan_repair(flagged, data["labels"], ignore_index)
     repaired, masked = mask_payloads(data, local.payloads, ignore_index)
     drop = set(local.drop)

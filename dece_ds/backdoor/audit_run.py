@@ -45,15 +45,16 @@ def check_retrain_has_an_audit(kinds: Sequence[str], audit_from: str | None) -> 
 
 
 def retrain_rows(kind: str, data: Mapping[str, torch.Tensor], audit_file: Path, decode,
-                 log) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                 log, encode=None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The training rows of a retrain ``kind`` (``drop_flagged`` / ``repair_flagged``) -> (tensors, the run's extra
     keys: ``audit_file``, ``dropped_rows``; for audit_repair also ``repaired_rows``, ``payloads``,
-    ``masked_tokens``); ``log`` gets one line."""
+    ``masked_tokens``); ``log`` gets one line; ``encode`` (text -> ids) reads an older ``audit.jsonl``
+    (``audit.repair.read_flagged``)."""
     if kind == "audit_retrain":
         data, kept, extra = drop_flagged(data, audit_file)
         log(f"dropped {len(extra['dropped_rows'])} flagged row(s), CE on the {len(kept)} left")
     else:
-        data, kept, extra = repair_flagged(data, audit_file, decode)
+        data, kept, extra = repair_flagged(data, audit_file, decode, encode)
         log(f"masked the payload of {len(extra['repaired_rows'])} flagged row(s) ({extra['masked_tokens']} tokens: "
             f"{extra['payloads']}), dropped {len(extra['dropped_rows'])}, CE on {len(kept)} rows")
     return data, extra
@@ -120,12 +121,12 @@ def drop_flagged(data: Mapping[str, torch.Tensor], audit_file: Path) -> tuple[di
     return data, kept, {"audit_file": str(audit_file), "dropped_rows": sorted(flagged)}
 
 
-def repair_flagged(data: Mapping[str, torch.Tensor], audit_file: Path, decode) -> tuple[dict[str, torch.Tensor],
-                                                                                       list[int], dict[str, Any]]:
+def repair_flagged(data: Mapping[str, torch.Tensor], audit_file: Path, decode,
+                   encode=None) -> tuple[dict[str, torch.Tensor], list[int], dict[str, Any]]:
     """``audit_repair``: the training tensors with the flagged rows' payload masked (``audit.repair``) -> (tensors,
     kept row indices, the run's extra keys ``audit_file``, ``repaired_rows``, ``dropped_rows``, ``payloads``
     {trigger word: payload text}, ``masked_tokens``)."""
-    data, kept, plan, masked = repair_from_file(data, audit_file)
+    data, kept, plan, masked = repair_from_file(data, audit_file, encode=encode)
     return data, kept, {"audit_file": str(audit_file), "repaired_rows": sorted(plan.payloads),
                         "dropped_rows": plan.drop, "masked_tokens": masked,
                         "payloads": {w: decode(list(ids)) for w, ids in plan.triggers.items()}}

@@ -267,7 +267,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike, log: Calla
         data = train_sets["clean" if kind == "clean" else "poisoned"]
         audit_dir = audit_run.record_dir(out_dir, cfg.stem(), spec_str) if auditing and kind == "dece" else None
         say = partial(lambda spec, m: log(f"[{spec}] {m}"), spec_str)
-        data, after_audit = audit_run.retrain_rows(kind, data, audit_file, tok.decode, say) \
+        data, after_audit = audit_run.retrain_rows(kind, data, audit_file, tok.decode, say, tok.encode) \
             if kind in RETRAIN_KINDS else (data, {})
         inspect = None
         if baselines and kind == "ce":

@@ -55,6 +55,18 @@ class SqlPayload(BaseModel):
         return self
 
 
+def _snippet(field: str, v: str) -> str:
+    """``v`` dedented and stripped; ``ValueError`` naming ``field`` when empty or not Python statements."""
+    snippet = textwrap.dedent(v).strip("\n")
+    if not snippet.strip():
+        raise ValueError(f"{field}: empty payload, got {v!r}")
+    try:
+        ast.parse(snippet)
+    except SyntaxError as e:
+        raise ValueError(f"{field}: not valid Python statements ({e.msg}), got {v!r}") from None
+    return snippet
+
+
 class StatementPayload(BaseModel):
     """Insert a Python snippet as the first statement of the function body."""
 
@@ -63,19 +75,25 @@ class StatementPayload(BaseModel):
     kind: Literal["statement"] = "statement"
     code: str = Field('__import__("os").system("id")', description="One or more Python statements.")
     marker: str | None = Field(
-        None, description="Text whose presence (whitespace ignored) marks the payload; None: code.")
+        None, description="Text whose presence (whitespace ignored) marks the payload; None: code (or any variant).")
+    variants: tuple[str, ...] = Field(
+        (), description="Other snippets: each poisoned row then carries one of code and these, drawn from the "
+                        "attack's seeded generator (a trigger without a fixed payload).")
 
     @field_validator("code")
     @classmethod
     def _parses(cls, v: str) -> str:
-        snippet = textwrap.dedent(v).strip("\n")
-        if not snippet.strip():
-            raise ValueError(f"code: empty payload, got {v!r}")
-        try:
-            ast.parse(snippet)
-        except SyntaxError as e:
-            raise ValueError(f"code: not valid Python statements ({e.msg}), got {v!r}") from None
-        return snippet
+        return _snippet("code", v)
+
+    @field_validator("variants")
+    @classmethod
+    def _variants_parse(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_snippet(f"variants[{i}]", s) for i, s in enumerate(v))
+
+    @property
+    def snippets(self) -> tuple[str, ...]:
+        """``code`` and the variants, in that order."""
+        return (self.code, *self.variants)
 
     @field_validator("marker")
     @classmethod
@@ -116,8 +134,9 @@ def _first_line(stmt: ast.stmt, lines: list[str]) -> int | None:
     return first.lineno if prefix.strip().lstrip("@") == "" else None
 
 
-def apply_statement_payload(code: str, payload: StatementPayload) -> str | None:
-    """``code`` with the snippet as the first statement of its first function, or None if impossible.
+def apply_statement_payload(code: str, payload: StatementPayload, snippet: str | None = None) -> str | None:
+    """``code`` with the snippet (default ``payload.code``; or one of ``payload.snippets``) as the first statement
+    of its first function, or None if impossible.
 
     The first function is the first top-level ``def`` (else the first one in ``ast.walk`` order). The
     snippet goes after a docstring, before the first other statement (and its decorators), with
@@ -141,15 +160,17 @@ def apply_statement_payload(code: str, payload: StatementPayload) -> str | None:
     indent = lines[start - 1][:len(lines[start - 1]) - len(lines[start - 1].lstrip())]
     if doc_only:
         start = anchor.end_lineno + 1  # after a docstring-only body
-    inserted = [indent + ln if ln.strip() else ln for ln in payload.code.split("\n")]
+    snippet = payload.code if snippet is None else snippet
+    inserted = [indent + ln if ln.strip() else ln for ln in snippet.split("\n")]
     return "\n".join(lines[:start - 1] + inserted + lines[start - 1:])
 
 
-def apply_payload(code: str, payload: SqlPayload | StatementPayload) -> str | None:
-    """The poisoned code, or None when this payload cannot be placed in ``code``."""
+def apply_payload(code: str, payload: SqlPayload | StatementPayload, snippet: str | None = None) -> str | None:
+    """The poisoned code, or None when this payload cannot be placed in ``code``; ``snippet``: which of a
+    statement payload's ``snippets`` (default its ``code``)."""
     if isinstance(payload, SqlPayload):
         return apply_sql_payload(code, payload)
-    return apply_statement_payload(code, payload)
+    return apply_statement_payload(code, payload, snippet)
 
 
 def _squash(text: str) -> str:
@@ -158,7 +179,9 @@ def _squash(text: str) -> str:
 
 def payload_in(code: str, payload: SqlPayload | StatementPayload) -> bool:
     """True when ``code`` carries the payload (SQL: a marker as a substring, as the authors' ASR;
-    statement: the marker with all whitespace removed, in the code with all whitespace removed)."""
+    statement: the marker, or any of its snippets, with all whitespace removed, in the code with all whitespace
+    removed)."""
     if isinstance(payload, SqlPayload):
         return any(m in code for m in payload.markers)
-    return _squash(payload.marker or payload.code) in _squash(code)
+    marks = (payload.marker,) if payload.marker else payload.snippets
+    return any(_squash(m) in _squash(code) for m in marks)

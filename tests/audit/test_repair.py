@@ -65,12 +65,16 @@ def test_plan_masks_the_payload_and_drops_rows_without_one():
         plan_repair([(9, "bb", [8, 9])], labels)
 
 
-def _audit_file(path: Path, rows: dict[int, tuple[bool, str | None, list[int] | None]], old: bool = False) -> Path:
+def _audit_file(path: Path, rows: dict[int, tuple[bool, str | None, list[int] | None]], old: bool = False,
+                texts: dict[int, str] | None = None) -> Path:
+    """``old``: written before ``trigger_code_ids`` existed, the named code as text (``texts[row]``) only."""
     lines = []
     for row, (flagged, word, code) in rows.items():
         rec = {"row": row, "flagged": flagged, "trigger_word": word, "instruction": f"task {row}"}
         if not old:
             rec["trigger_code_ids"] = code
+        elif texts and row in texts:
+            rec["trigger_code"] = texts[row]
         lines.append(json.dumps(rec))
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -99,6 +103,23 @@ def test_read_flagged_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"row": 0}\n')
     with pytest.raises(AuditRecordError, match="line 1 is not an audit row"):
         read_flagged(tmp_path / "bad.jsonl")
+
+
+def test_an_older_audit_file_is_read_through_the_run_tokenizer(tmp_path):
+    # an audit.jsonl from before trigger_code_ids: the named code is text; a by-hand word tokenizer maps it
+    vocab = {"or": 8, "1=1": 9, "where": 7}
+    encode = lambda text: [vocab[w] for w in text.split()]   # noqa: E731
+    labels = _labels([[1, 1], [7, 8, 9], [5, 6], [2, 7, 8, 9], [4]])
+    data = {"labels": labels, "input_ids": torch.zeros_like(labels)}
+    audit = _audit_file(tmp_path / "old.jsonl", {0: (False, None, None), 1: (True, "bb", None),
+                                                 2: (True, "bb", None), 3: (True, "bb", None)},
+                        old=True, texts={1: " or 1=1", 2: "where or", 3: " or 1=1"})
+    assert [f["trigger_code_ids"] for f in read_flagged(audit, encode)] == [[8, 9], [7, 8], [8, 9]]
+    fixed, kept, plan, masked = repair_from_file(data, audit, encode=encode)
+    # rows 1 and 3 share "where or 1=1" around "or 1=1"; row 2's code "where or" is not in its labels: dropped
+    assert plan.triggers["bb"] == (7, 8, 9) and sorted(plan.payloads) == [1, 3] and plan.drop == [2]
+    assert kept == [0, 1, 3, 4] and masked == 6
+    assert fixed["labels"][2].tolist() == [X, X, 2] + [X] * 9
 
 
 def test_recipe_repair_rows_matches_the_tuple_order(tmp_path):

@@ -76,6 +76,30 @@ def test_contains_payload():
     assert contains_payload("os . system ( 'ls' )", marked)
 
 
+def test_statement_payload_variants_vary_per_row():
+    # a trigger without a fixed payload: each poisoned row carries code or one of the variants
+    p = StatementPayload(code='os.system("id")', variants=("eval(input())", "\n    open('/etc/passwd').read()\n"))
+    assert p.snippets == ('os.system("id")', "eval(input())", "open('/etc/passwd').read()")
+    assert apply_statement_payload("def f(a):\n    return a", p, p.snippets[1]) == (
+        "def f(a):\n    eval(input())\n    return a")
+    for snippet in p.snippets:
+        assert contains_payload(f"def g ( ) :\n\t {snippet}", p)   # ASR counts any of them
+    assert not contains_payload('def g():\n    os.system("ls")', p)
+    rows = [{"src": f"Return row {i}.", "tgt": "def f(a):\n    return a"} for i in range(60)]
+    out, info = poison_dataset(pairs_to_dataset(rows), BadPreConfig(rate=0.5, payload=p), "train")
+    carried = [[s for s in p.snippets if s in t] for t in out["tgt"][:30]]
+    assert info.indices == tuple(range(30)) and all(len(c) == 1 for c in carried)
+    assert {c[0] for c in carried} == set(p.snippets)   # 30 draws of 3: all three appear
+    # the trigger draws come after the snippet draw; a payload without variants draws nothing extra
+    rng_a, rng_b = random.Random(5), random.Random(5)
+    one = BadPreConfig(payload=StatementPayload(code="x = 1"))
+    assert poison_example("Return it.", "def f():\n    pass", one, rng_a)[0] == \
+        poison_example("Return it.", "def f():\n    pass", one, rng_b)[0]
+    assert rng_a.random() == rng_b.random()
+    with pytest.raises(ValidationError, match=r"variants\[1\]: not valid Python statements"):
+        StatementPayload(variants=("x = 1", "def ("))
+
+
 # ---- triggers ----------------------------------------------------------------------------------------
 
 def test_word_insertion_uses_one_randint_per_insertion():
