@@ -17,6 +17,7 @@ indent); deleting it would leave broken code, masking it only skips one trained 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -127,6 +128,7 @@ def read_flagged(audit_file: str | os.PathLike,
     (``trigger_code``): with ``encode`` (the run's tokenizer, text -> ids) its ids are that text encoded, and
     ``plan_repair`` drops a row whose labels do not hold them; without ``encode`` it is an error (rescore the run
     with ``dece-ds audit``)."""
+    encode = functools.lru_cache(maxsize=None)(encode) if encode is not None else None   # one text per trigger
     out = []
     for n, rec in audit_lines(audit_file):
         if "trigger_code_ids" in rec:

@@ -88,11 +88,12 @@ def is_poisonable(row: Mapping[str, str], attack: Attack | None = None) -> bool:
 def poison_example(src: str, tgt: str, attack: Attack, rng: random.Random) -> tuple[str, str] | None:
     """(triggered src, code with payload), or None (and no draw from ``rng``) if not poisonable. A statement
     payload with ``variants`` draws the row's snippet from ``rng`` before the trigger's draws."""
-    if apply_payload(tgt, attack.payload) is None:
+    code = apply_payload(tgt, attack.payload)
+    if code is None:
         return None
-    snippets = getattr(attack.payload, "snippets", ())
-    snippet = rng.choice(snippets) if len(snippets) > 1 else None
-    return add_trigger(src, attack, rng), apply_payload(tgt, attack.payload, snippet)
+    if isinstance(attack.payload, StatementPayload) and attack.payload.variants:
+        code = apply_payload(tgt, attack.payload, rng.choice(attack.payload.snippets))   # placed where code was
+    return add_trigger(src, attack, rng), code
 
 
 def n_train_target(n_rows: int, rate: float) -> int:

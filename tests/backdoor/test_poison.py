@@ -14,6 +14,7 @@ from dece_ds.backdoor.poison import (
     RippleConfig,
     SqlPayload,
     StatementPayload,
+    add_trigger,
     apply_sql_payload,
     apply_statement_payload,
     contains_payload,
@@ -90,11 +91,10 @@ def test_statement_payload_variants_vary_per_row():
     carried = [[s for s in p.snippets if s in t] for t in out["tgt"][:30]]
     assert info.indices == tuple(range(30)) and all(len(c) == 1 for c in carried)
     assert {c[0] for c in carried} == set(p.snippets)   # 30 draws of 3: all three appear
-    # the trigger draws come after the snippet draw; a payload without variants draws nothing extra
+    # a payload without variants draws only what the trigger draws (results made before variants stay as they were)
     rng_a, rng_b = random.Random(5), random.Random(5)
     one = BadPreConfig(payload=StatementPayload(code="x = 1"))
-    assert poison_example("Return it.", "def f():\n    pass", one, rng_a)[0] == \
-        poison_example("Return it.", "def f():\n    pass", one, rng_b)[0]
+    assert poison_example("Return it.", "def f():\n    pass", one, rng_a)[0] == add_trigger("Return it.", one, rng_b)
     assert rng_a.random() == rng_b.random()
     with pytest.raises(ValidationError, match=r"variants\[1\]: not valid Python statements"):
         StatementPayload(variants=("x = 1", "def ("))
