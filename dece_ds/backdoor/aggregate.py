@@ -7,8 +7,9 @@ files of one cell with different fine-tuning seeds (``results["finetune_seed"]``
 (split runs, ``--runs ce`` / ``--runs dece``). Per run spec and cell: mean ± sample standard deviation
 (n - 1) over seeds of BLEU, ASR and lift.
 
-The gap test (``gap_rows``): per seed s that has both, d_s = BLEU(DeCE spec, s) - BLEU(CE, s) (a paired
-difference: both runs of a seed share the stand-in and the batch order). The seed-to-seed spread is the
+The gap test (``gap_rows``): for every defended run spec (``DEFENDED_KINDS``: DeCE, and the poison audit's
+retrain and repair), per seed s that has both, d_s = BLEU(spec, s) - BLEU(CE, s) (a paired difference: both
+runs of a seed share the stand-in and the batch order). The seed-to-seed spread is the
 pooled standard deviation of BLEU over seeds, s_pool = sqrt((s_CE^2 + s_DeCE^2) / 2). The gap is called
 *larger than the spread* when |mean d| > 2 s_pool, and *within the spread* otherwise; with fewer than two
 paired seeds there is no spread and no call. The table also gives the paired standard error sd(d)/sqrt(n).
@@ -20,6 +21,8 @@ import math
 from typing import Any, Mapping, Sequence
 
 from .report import MISSING, auto_alpha_note, column_name, run_label
+
+DEFENDED_KINDS = ("dece", "audit_retrain", "audit_repair")
 
 
 def finetune_seed(results: Mapping[str, Any]) -> int:
@@ -77,23 +80,24 @@ def _specs(seeds: Mapping[int, Mapping[str, Any]]) -> list[str]:
 
 
 def seed_table(results_list: Sequence[Mapping[str, Any]]) -> str:
-    """Per cell and run spec: seeds, BLEU, ASR, lift as mean ± std over seeds (lift "–" where no file has it)."""
-    lines = ["| cell | run | seeds | BLEU | ASR % | lift |", "|---|---|---|---|---|---|"]
+    """Per cell and run spec: seeds, BLEU, ASR, lift, clean validation CE as mean ± std over seeds (lift "–" where no
+    file has it)."""
+    lines = ["| cell | run | seeds | BLEU | ASR % | lift | valid CE |", "|---|---|---|---|---|---|---|"]
     for cell, seeds in by_cell_and_seed(results_list).items():
         for spec in _specs(seeds):
             have = sorted(s for s, runs in seeds.items() if spec in runs)
             lines.append(f"| {cell} | {run_label(spec)} | {','.join(map(str, have))} | "
                          f"{_ms(_values(seeds, spec, 'bleu'), 2)} | {_ms(_values(seeds, spec, 'asr'), 1)} | "
-                         f"{_ms(_values(seeds, spec, 'lift'), 1)} |")
+                         f"{_ms(_values(seeds, spec, 'lift'), 1)} | {_ms(_values(seeds, spec, 'valid_ce'), 3)} |")
     return "\n".join(lines)
 
 
 def gap_rows(results_list: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per cell and DeCE spec: the paired BLEU gap to CE over seeds and the call (module docstring)."""
+    """Per cell and defended run spec: the paired BLEU gap to CE over seeds and the call (module docstring)."""
     rows = []
     for cell, seeds in by_cell_and_seed(results_list).items():
         for spec in _specs(seeds):
-            if spec.partition(":")[0] != "dece":
+            if spec.partition(":")[0] not in DEFENDED_KINDS:
                 continue
             paired = [s for s, runs in seeds.items() if spec in runs and "ce" in runs]
             gaps = [seeds[s][spec]["final"]["bleu"] - seeds[s]["ce"]["final"]["bleu"] for s in paired]
@@ -130,7 +134,7 @@ def has_several_seeds(results_list: Sequence[Mapping[str, Any]]) -> bool:
 def seed_tables(results_list: Sequence[Mapping[str, Any]]) -> str:
     """Both seed tables with a heading line each (``dece-ds backdoor report`` prints them for several seeds)."""
     return ("Over fine-tuning seeds (mean ± sample std):\n\n" + seed_table(results_list)
-            + "\n\nDeCE's BLEU gap to CE, paired per seed; 'larger than the spread' = |mean gap| > 2 × pooled "
+            + "\n\nBLEU gap to CE of each defended run, paired per seed; 'larger than the spread' = |mean gap| > 2 × pooled "
               "seed std of BLEU:\n\n" + gap_table(results_list))
 
 

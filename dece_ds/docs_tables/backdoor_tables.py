@@ -2,7 +2,9 @@
 (``backdoor-runs``), ASR per epoch (``backdoor-epochs``), several files side by side (``backdoor-combined``),
 CE against DeCE per file (``backdoor-headline``). Each takes ``KIND:STEM[,STEM...]``. ``backdoor-target-probs:STEM``
 prints ``benchmarks/backdoor_target_probs.py``'s JSON (where each alpha rule puts the half-gradient point);
-``backdoor-grid:STEM,...`` the trigger x payload grid (``dece-ds backdoor report --grid``)."""
+``backdoor-grid:STEM,...`` the trigger x payload grid (``dece-ds backdoor report --grid``);
+``backdoor-seeds:STEM,...`` mean ± std over the files' fine-tuning seeds and each defended run's paired BLEU gap to
+CE (``dece-ds backdoor report``). A stem with a folder (``audit/NAME``) is read from ``benchmarks/results/``."""
 
 from __future__ import annotations
 
@@ -16,9 +18,14 @@ HEADLINE_SPECS = ("ce", "dece:alpha_base=0.97")
 
 
 def _backdoor(root: Path, stem: str) -> dict[str, Any]:
-    results = load_json(root, BACKDOOR / f"{stem}.json")
+    """``benchmarks/results/backdoor/<stem>.json``, or ``benchmarks/results/<stem>.json`` for a stem with a folder
+    (``audit/NAME``: the poison audit's results files, which ``dece-ds backdoor run`` writes too)."""
+    if ".." in Path(stem).parts or Path(stem).is_absolute():
+        raise TableError(f"{stem}: a results-file stem is a name or a folder/name under {RESULTS}")
+    rel = (RESULTS if "/" in stem else BACKDOOR) / f"{stem}.json"
+    results = load_json(root, rel)
     if not isinstance(results, dict) or "runs" not in results:
-        raise TableError(f"{BACKDOOR / stem}.json: not a backdoor results file (no 'runs')")
+        raise TableError(f"{rel}: not a backdoor results file (no 'runs')")
     return results
 
 
@@ -122,3 +129,11 @@ def backdoor_target_probs(root: Path, arg: str) -> str:
                              f"{100 * r['clean_below']:.1f} %", below])
     return md_table(["results file", "rule", "alpha_base", "p_half", "clean tokens below", "payload tokens below"],
                     rows)
+
+
+def backdoor_seeds(root: Path, arg: str) -> str:
+    """Over the fine-tuning seeds of the files: per cell and run, mean ± std of BLEU, ASR, lift and validation CE;
+    then each defended run's BLEU gap to CE paired per seed, and whether it is larger than the seed spread."""
+    from ..backdoor.aggregate import gap_table, seed_table
+    loaded = [_backdoor(root, s) for s in split_stems(arg, "backdoor-seeds")]
+    return seed_table(loaded) + "\n\n" + gap_table(loaded)

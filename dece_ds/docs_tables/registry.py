@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from .backdoor_tables import (backdoor_combined, backdoor_epochs, backdoor_grid, backdoor_headline, backdoor_runs,
+                              backdoor_seeds,
                               backdoor_target_probs)
 from .bench_tables import (
     audit_overhead,
@@ -64,6 +65,7 @@ GENERATORS: dict[str, Generator] = {
     "backdoor-headline": backdoor_headline,
     "backdoor-target-probs": backdoor_target_probs,
     "backdoor-grid": backdoor_grid,
+    "backdoor-seeds": backdoor_seeds,
     "bench-dece": bench_dece,
     "bench-dece-backends": bench_dece_backends,
     "bench-vocab-parallel": bench_vocab_parallel,

@@ -83,6 +83,15 @@ def test_gap_larger_than_spread_and_within():
     assert one["call"].startswith("no call") and one["pooled_std"] is None
 
 
+def test_gap_covers_the_audit_runs_and_not_clean():
+    """The poison audit's retrain and repair are defended runs: their paired gap to CE is reported too."""
+    seeds = [_results(s, {"clean": _final(b - 1.0, 0.0), "ce": _final(b, 70.0), "audit_repair": _final(r, 0.0)})
+             for s, (b, r) in enumerate([(46.0, 43.5), (45.0, 44.8), (44.0, 44.5)])]
+    (row,) = gap_rows(seeds)
+    assert row["spec"] == "audit_repair" and row["seeds"] == [0, 1, 2]
+    assert row["gap_mean"] == pytest.approx(((43.5 - 46.0) + (44.8 - 45.0) + (44.5 - 44.0)) / 3)
+
+
 def test_split_runs_of_one_seed_merge_and_cells_stay_apart():
     ce_only = _results(0, {"ce": _final(45.0, 80.0)})
     dece_only = _results(0, {"dece": _final(44.0, 0.0)})
@@ -183,3 +192,20 @@ def test_docs_runs_table_gets_lift_and_auto_alpha_only_for_new_files(tmp_path):
     assert "| ASR % | lift | false trigger % |" in table
     assert "| `old` | CE on poisoned data | 45.00 | 55.00 | 80.0 | – |" in table
     assert "DeCE on poisoned data (alpha_base=auto) (auto alpha_base 0.9731) | 44.00 | 54.00 | 0.0 | 0.0 |" in table
+
+
+def test_docs_seed_table_reads_audit_results_and_refuses_other_paths(tmp_path):
+    """``backdoor-seeds:audit/NAME,...`` reads ``benchmarks/results/audit/NAME.json``; a stem leaving the results
+    folder is an error, not a file read."""
+    from dece_ds.docs_tables.backdoor_tables import backdoor_seeds
+    from dece_ds.docs_tables.common import TableError
+    folder = tmp_path / "benchmarks" / "results" / "audit"
+    folder.mkdir(parents=True)
+    for r in SEEDS:
+        (folder / f"x-seed{r['finetune_seed']}.json").write_text(json.dumps(r))
+    table = backdoor_seeds(tmp_path, "audit/x-seed0,audit/x-seed1,audit/x-seed2")
+    assert "| lyra badpre x3 10% | CE on poisoned data | 0,1,2 | 45.00 ± 1.00 | 80.0 ± 2.0 | 78.0 ± 2.0 | 2.000 ± 0.000 |" \
+        in table
+    assert "larger than the spread" in table
+    with pytest.raises(TableError, match="a name or a folder/name"):
+        backdoor_seeds(tmp_path, "../secrets")
