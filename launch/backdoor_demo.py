@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="store_true", help="run BadPre over a trigger x payload grid (see the docstring)")
     p.add_argument("--grid-epochs", type=int, default=6, help="fine-tuning epochs per grid point (the demo: 8)")
     p.add_argument("--grid-triggers", default=",".join(GRID_TRIGGERS), help="comma-separated trigger words")
+    p.add_argument("--grid-payloads", default=None,
+                   help="comma-separated indices of the grid's payload statements to run (default: all three, 0,1,2)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the DeepSpeed launcher")
     return p
 
@@ -99,7 +101,8 @@ def main(argv=None) -> int:
     cfg = demo_config(args)
     if args.grid:
         triggers = [t.strip() for t in args.grid_triggers.split(",") if t.strip()]
-        _, table = run_grid(cfg, args.out, triggers=triggers, epochs=args.grid_epochs)
+        indices = None if args.grid_payloads is None else [int(j) for j in args.grid_payloads.split(",") if j.strip()]
+        _, table = run_grid(cfg, args.out, triggers=triggers, epochs=args.grid_epochs, payload_indices=indices)
         if int(os.environ.get("RANK", "0")) == 0:
             print(table.read_text())
         return 0

@@ -39,17 +39,24 @@ def run_seeds(cfg: ExperimentConfig, seeds: Sequence[int], out_dir: str | os.Pat
 
 
 def grid_configs(cfg: ExperimentConfig, triggers: Sequence[str] = GRID_TRIGGERS,
-                 payloads: Sequence[str] = GRID_PAYLOADS, epochs: int | None = None) -> list[ExperimentConfig]:
+                 payloads: Sequence[str] = GRID_PAYLOADS, epochs: int | None = None,
+                 payload_indices: Sequence[int] | None = None) -> list[ExperimentConfig]:
     """BadPre at ``cfg``'s rate and trigger count, once per (trigger, statement payload); ``epochs``
-    overrides the fine-tuning epochs of every point."""
+    overrides the fine-tuning epochs of every point; ``payload_indices`` runs only those payloads (a point keeps
+    its name ``p<j>``, j the index in ``payloads``, so a grid can be completed point by point)."""
     base = cfg.model_dump()
     stem = cfg.stem()
     attack = dict(base["attack"])
     if attack.get("attack", "badpre") != "badpre":
         raise ValueError(f"grid: the grid varies BadPre's trigger word; the config's attack is {attack['attack']!r}")
+    indices = list(range(len(payloads))) if payload_indices is None else list(payload_indices)
+    bad = [j for j in indices if not 0 <= j < len(payloads)]
+    if bad:
+        raise ValueError(f"grid payload index {bad[0]}: expected 0..{len(payloads) - 1} ({len(payloads)} payloads)")
     configs = []
     for trigger in triggers:
-        for j, code in enumerate(payloads):
+        for j in indices:
+            code = payloads[j]
             point = {**base, "attack": {**attack, "attack": "badpre", "trigger": trigger,
                                         "payload": {"kind": "statement", "code": code}},
                      "name": f"{stem}-grid-{trigger}-p{j}"}
@@ -61,10 +68,11 @@ def grid_configs(cfg: ExperimentConfig, triggers: Sequence[str] = GRID_TRIGGERS,
 
 def run_grid(cfg: ExperimentConfig, out_dir: str | os.PathLike, triggers: Sequence[str] = GRID_TRIGGERS,
              payloads: Sequence[str] = GRID_PAYLOADS, epochs: int | None = None,
-             log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], Path]:
+             log: Callable[[str], None] = print,
+             payload_indices: Sequence[int] | None = None) -> tuple[list[dict[str, Any]], Path]:
     """Run every grid point, then write ``<out_dir>/<stem>-grid.md`` (the grid table) -> (results, its path)."""
     from .aggregate import grid_table
-    configs = grid_configs(cfg, triggers, payloads, epochs)  # all validated before the first run
+    configs = grid_configs(cfg, triggers, payloads, epochs, payload_indices)  # all validated before the first run
     results = [run_experiment(c, out_dir, log) for c in configs]
     path = Path(out_dir) / f"{cfg.stem()}-grid.md"
     if int(os.environ.get("RANK", "0")) == 0:

@@ -19,7 +19,7 @@ from dece_ds.backdoor.aggregate import (
     mean_std,
     seed_table,
 )
-from dece_ds.backdoor.campaign import grid_configs, seed_configs
+from dece_ds.backdoor.campaign import GRID_PAYLOADS, grid_configs, seed_configs
 from dece_ds.backdoor.cli_types import parse_seeds
 from dece_ds.backdoor.experiment import ExperimentConfig
 from dece_ds.backdoor.metrics import trigger_lift
@@ -169,6 +169,10 @@ def test_grid_configs_and_table():
     assert all(c.finetune.epochs == 3 and c.attack_config().n_insertions == 3 for c in configs)
     with pytest.raises(ValueError, match="grid: the grid varies BadPre"):
         grid_configs(ExperimentConfig(attack={"attack": "grammar", "rate": 0.1}))
+    (one,) = grid_configs(cfg, triggers=["cf"], payload_indices=[2])  # completing a grid point by point
+    assert one.stem().endswith("-grid-cf-p2") and one.attack_config().payload.code == GRID_PAYLOADS[2]
+    with pytest.raises(ValueError, match="grid payload index 3: expected 0..2"):
+        grid_configs(cfg, payload_indices=[3])
     points = []
     for c, asr in zip(configs[:2], (50.0, 70.0)):
         r = _results(0, {"ce": _final(40.0, asr, asr - 1)})
