@@ -19,6 +19,16 @@ low percentile of the measured distribution refuses the tail (where the payload 
 percent of the tokens) and leaves the tokens the model already predicts nearly CE's gradient. As alpha
 decays (``alpha_base ** e``) ``p_half`` rises epoch by epoch, as in the paper.
 
+The climb (``final_half_point``, default 0.3; applied when the run's ``epochs`` are given and the schedule
+decays): the percentile sets where ``p_half`` starts, not how far it rises, and measured runs show the rise
+decides (docs/backdoor.md, "alpha_base auto"): with the strong attacks measured the backdoor was learned
+wherever ``p_half`` at the last epoch stayed at 0.17 or below (0.080, 0.10, 0.17) and refused where it
+reached 0.21 or above (0.21, 0.26, 0.34): a payload seen again epoch after epoch climbs in probability and
+must stay under ``p_half``. So alpha_base is also capped by the value that puts ``p_half`` at
+``final_half_point`` at the last epoch:
+
+    alpha_base = min(rule above, alpha_for_weight(final_half_point) ** (1 / e_last))   e_last: epochs
+
 Sample: the first batches given, up to ``sample_fraction`` (2 %) of an epoch's target tokens, at least
 ``min_tokens`` (256, for tiny sets) and at most ``max_tokens`` (8192). The measurement is a plain forward
 pass on full logits (``log_softmax`` + gather), so it runs on the model *before* the engine shards it:
@@ -45,6 +55,7 @@ import torch
 from .config import DeceConfig, DeceConfigError
 
 DEFAULT_QUANTILE = 0.1
+DEFAULT_FINAL_HALF_POINT = 0.3
 TARGET_WEIGHT = 0.5
 SAMPLE_FRACTION = 0.02
 MIN_TOKENS, MAX_TOKENS = 256, 8192
@@ -71,6 +82,28 @@ def first_exponent(config: DeceConfig) -> float:
     if config.schedule == "constant":
         return 1.0
     return 1.0 + config.ce_warmup_epochs  # epoch: epoch counted from 1; continuous: 1 + step / spe
+
+
+def last_exponent(config: DeceConfig, epochs: int) -> float | None:
+    """The schedule's exponent e at the last epoch of an ``epochs``-epoch run (the epoch schedule's last epoch;
+    the continuous one ends just below it); None for ``constant``, whose alpha never climbs."""
+    if int(epochs) != epochs or epochs < 1:
+        raise ValueError(f"epochs: a whole number >= 1, got {epochs!r}")
+    return None if config.schedule == "constant" else float(epochs)
+
+
+def alpha_base_for_final_half_point(half_point: float, config: DeceConfig, epochs: int) -> float | None:
+    """The alpha_base whose alpha at the last epoch gives a token of probability ``half_point`` half of CE's
+    gradient (None for a constant schedule)."""
+    e_last = last_exponent(config, epochs)
+    if e_last is None:
+        return None
+    return alpha_for_weight(half_point, config.label_smoothing, TARGET_WEIGHT) ** (1.0 / e_last)
+
+
+def half_point(alpha: float, label_smoothing: float) -> float:
+    """p_half = (1 - alpha)(1 - eps) / alpha: the target probability that keeps half of CE's gradient."""
+    return (1.0 - alpha) * (1.0 - label_smoothing) / alpha
 
 
 @torch.no_grad()
@@ -102,20 +135,35 @@ def measure_target_probs(model, batches: Iterable[Mapping[str, torch.Tensor]], m
 
 
 def alpha_base_from_probs(p_t: torch.Tensor, config: DeceConfig, quantile: float = DEFAULT_QUANTILE,
-                          weight: float = TARGET_WEIGHT) -> tuple[float, dict[str, Any]]:
-    """The rule (module docstring) on measured probabilities -> (alpha_base, the record ``alpha_auto``)."""
+                          weight: float = TARGET_WEIGHT, *, epochs: int | None = None,
+                          final_half_point: float | None = DEFAULT_FINAL_HALF_POINT) -> tuple[float, dict[str, Any]]:
+    """The rule (module docstring) on measured probabilities -> (alpha_base, the record ``alpha_auto``).
+
+    With ``epochs`` (the run's length) and ``final_half_point`` the climb caps the pick; the record then says
+    which part set it (``"rule"``: ``"quantile"`` or ``"final_half_point"``) and ``p_half_last_epoch``."""
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile: must be in (0, 1), got {quantile}")
+    if final_half_point is not None and not 0.0 < final_half_point < 1.0:
+        raise ValueError(f"final_half_point: must be in (0, 1) or None, got {final_half_point}")
     p_t = p_t.double().flatten()
     p_q = float(torch.quantile(p_t, quantile))
     p_used = max(p_q, config.prob_floor, 1e-12)  # the loss clamps p at prob_floor too
     alpha_1 = alpha_for_weight(p_used, config.label_smoothing, weight)
     e_1 = first_exponent(config)
-    alpha_base = min(1.0, max(alpha_1 ** (1.0 / e_1), config.alpha_min, 1e-6))
+    by_quantile = alpha_1 ** (1.0 / e_1)
+    by_climb = (None if epochs is None or final_half_point is None
+                else alpha_base_for_final_half_point(final_half_point, config, epochs))
+    rule = "final_half_point" if by_climb is not None and by_climb < by_quantile else "quantile"
+    picked = by_climb if rule == "final_half_point" else by_quantile
+    alpha_base = min(1.0, max(picked, config.alpha_min, 1e-6))
     record = {"alpha_base": alpha_base, "alpha_first_epoch": alpha_base ** e_1, "quantile": quantile,
               "target_weight": weight, "p_at_quantile": p_q, "first_exponent": e_1,
               "p_t_quantiles": {f"{q:g}": float(torch.quantile(p_t, q)) for q in REPORTED_QUANTILES},
-              "tokens": int(p_t.numel())}
+              "tokens": int(p_t.numel()), "rule": rule, "alpha_base_quantile": min(1.0, by_quantile),
+              "final_half_point": final_half_point, "epochs": epochs, "alpha_base_final_half_point": by_climb}
+    if epochs is not None and last_exponent(config, epochs) is not None:
+        last_alpha = max(alpha_base ** last_exponent(config, epochs), config.alpha_min)
+        record["p_half_last_epoch"] = half_point(last_alpha, config.label_smoothing)
     return alpha_base, record
 
 
@@ -131,18 +179,23 @@ def token_budget(epoch_target_tokens: int | None, sample_fraction: float = SAMPL
 def resolve_alpha_base(model, config: DeceConfig, batches: Iterable[Mapping[str, torch.Tensor]], *,
                        quantile: float = DEFAULT_QUANTILE, weight: float = TARGET_WEIGHT,
                        epoch_target_tokens: int | None = None, sample_fraction: float = SAMPLE_FRACTION,
-                       min_tokens: int = MIN_TOKENS, max_tokens: int = MAX_TOKENS
+                       min_tokens: int = MIN_TOKENS, max_tokens: int = MAX_TOKENS, epochs: int | None = None,
+                       final_half_point: float | None = DEFAULT_FINAL_HALF_POINT
                        ) -> tuple[DeceConfig, dict[str, Any] | None]:
     """``config`` with ``alpha_base`` measured from ``model`` on ``batches`` when it is ``"auto"`` (else
     ``config`` unchanged and None) -> (resolved DeceConfig, the record ``alpha_auto``: ``alpha_base``,
-    ``quantile``, ``p_t_quantiles``, ``tokens``, ...). Call it before ``dece_ds.initialize``."""
+    ``quantile``, ``p_t_quantiles``, ``tokens``, ``rule``, ...). Call it before ``dece_ds.initialize``.
+
+    Give ``epochs`` (the run's fine-tuning epochs): without it only the percentile rule applies, which
+    did not defend the measured settings (module docstring)."""
     if not isinstance(config, DeceConfig):
         raise TypeError(f"config: expected a DeceConfig, got {type(config).__name__}")
     if config.alpha_base != "auto":
         return config, None
     budget = token_budget(epoch_target_tokens, sample_fraction, min_tokens, max_tokens)
     p_t = measure_target_probs(model, batches, budget, config.ignore_index)
-    alpha_base, record = alpha_base_from_probs(p_t, config, quantile, weight)
+    alpha_base, record = alpha_base_from_probs(p_t, config, quantile, weight, epochs=epochs,
+                                               final_half_point=final_half_point)
     record["budget_tokens"] = budget
     try:
         resolved = config.model_copy(update={"alpha_base": alpha_base})

@@ -1,6 +1,7 @@
 """alpha_base "auto": the rule on a synthetic p_t distribution, end to end on a tiny model, and every
 consumer that needs a number refusing an unresolved "auto" with one message."""
 
+import json
 import re
 
 import pytest
@@ -128,3 +129,69 @@ def test_hf_trainer_refuses_unresolved_auto_when_applied():
     with pytest.raises(DeceConfigError) as e:
         apply_dece_to_trainer(trainer, config={"alpha_base": "auto", "steps_per_epoch": 5})
     assert str(e.value) == MESSAGE
+
+
+def _half_point_by_hand(alpha, eps):
+    """w(p) = a p / (a p + (1 - a)(1 - eps)) = 1/2  <=>  p = (1 - a)(1 - eps) / a."""
+    return (1 - alpha) * (1 - eps) / alpha
+
+
+@pytest.mark.parametrize("epochs,warmup", [(10, 0), (8, 0), (10, 2), (3, 0)])
+def test_climb_caps_the_pick_so_the_last_epoch_half_point_is_reached(epochs, warmup):
+    eps = 0.05
+    p_t = torch.cat([torch.full((800,), 0.6), torch.logspace(-6, -3, 200)])  # q = 0.1 sits deep in the tail
+    cfg = DeceConfig(label_smoothing=eps, alpha_base="auto", ce_warmup_epochs=warmup, steps_per_epoch=4)
+    quantile_only, rec_q = alpha_base_from_probs(p_t, cfg, quantile=0.1)
+    assert rec_q["rule"] == "quantile" and "p_half_last_epoch" not in rec_q  # no run length: the old rule
+    alpha, rec = alpha_base_from_probs(p_t, cfg, quantile=0.1, epochs=epochs, final_half_point=0.3)
+    assert rec["rule"] == "final_half_point" and alpha < quantile_only
+    assert rec["alpha_base_quantile"] == pytest.approx(quantile_only)
+    # the schedule's own alpha at the last epoch puts the half-gradient point at 0.3
+    schedule = AlphaSchedule(cfg.model_copy(update={"alpha_base": alpha}))
+    schedule.set_epoch(epochs)
+    assert _half_point_by_hand(schedule.alpha, eps) == pytest.approx(0.3)
+    assert rec["p_half_last_epoch"] == pytest.approx(0.3)
+    assert dece_weight(0.3, schedule.alpha, eps) == pytest.approx(0.5)
+    # the by-hand closed form: a_E = (1 - eps) / (0.3 + 1 - eps), alpha_base = a_E ** (1 / E)
+    assert alpha == pytest.approx(((1 - eps) / (0.3 + 1 - eps)) ** (1 / epochs))
+
+
+def test_climb_leaves_a_lower_quantile_pick_and_constant_schedules_alone():
+    eps = 0.05
+    p_t = torch.cat([torch.full((500,), 0.9), torch.full((500,), 0.5)])
+    cfg = DeceConfig(label_smoothing=eps, alpha_base="auto")
+    alpha, rec = alpha_base_from_probs(p_t, cfg, quantile=0.4, epochs=2, final_half_point=0.3)
+    assert rec["rule"] == "quantile" and alpha == pytest.approx((1 - eps) / (0.5 + 1 - eps))  # p_q = 0.5
+    assert rec["p_half_last_epoch"] == pytest.approx(_half_point_by_hand(alpha ** 2, eps))
+    const = DeceConfig(label_smoothing=eps, alpha_base="auto", schedule="constant")
+    p_tail = torch.logspace(-6, -1, 100)
+    a_const, rec_c = alpha_base_from_probs(p_tail, const, quantile=0.1, epochs=10, final_half_point=0.3)
+    assert rec_c["rule"] == "quantile" and rec_c["alpha_base_final_half_point"] is None
+    assert a_const == pytest.approx(alpha_base_from_probs(p_tail, const, quantile=0.1)[0])
+    off, rec_off = alpha_base_from_probs(p_tail, cfg, quantile=0.1, epochs=10, final_half_point=None)
+    assert rec_off["rule"] == "quantile" and off == pytest.approx(alpha_base_from_probs(p_tail, cfg, 0.1)[0])
+    with pytest.raises(ValueError, match="final_half_point"):
+        alpha_base_from_probs(p_tail, cfg, epochs=10, final_half_point=1.0)
+    with pytest.raises(ValueError, match="epochs"):
+        alpha_base_from_probs(p_tail, cfg, epochs=0)
+
+
+def test_resolve_passes_the_run_length():
+    model = _TinyLM()
+    ids = torch.randint(0, 11, (4, 9))
+    batches = [{"input_ids": ids, "labels": ids.clone()}]
+    cfg = DeceConfig(alpha_base="auto", steps_per_epoch=3)
+    resolved, rec = resolve_alpha_base(model, cfg, batches, min_tokens=10, max_tokens=30, epochs=5,
+                                       final_half_point=0.3)
+    assert rec["epochs"] == 5 and rec["final_half_point"] == 0.3
+    assert resolved.alpha_base <= ((1 - 0.05) / 1.25) ** (1 / 5) + 1e-12  # never above the climb's cap
+
+
+def test_backdoor_cli_takes_the_climb_flag(capsys):
+    from dece_ds.cli import main
+    assert main(["backdoor", "run", "--auto-alpha-final-half-point", "0.25", "--auto-alpha-quantile", "0.2",
+                 "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["auto_alpha_final_half_point"] == 0.25 and printed["auto_alpha_quantile"] == 0.2
+    assert main(["backdoor", "run", "--auto-alpha-final-half-point", "1.5", "--print-config"]) == 2
+    assert "auto_alpha_final_half_point: Input should be less than 1" in capsys.readouterr().err

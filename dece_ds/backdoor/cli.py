@@ -77,6 +77,8 @@ def add_parser(subparsers) -> None:
                         "probabilities before fine-tuning, dece_ds.auto_alpha)")
     r.add_argument("--auto-alpha-quantile", type=float,
                    help="alpha_base auto: the quantile of p_t that keeps half of CE's gradient (default 0.1)")
+    r.add_argument("--auto-alpha-final-half-point", type=float, help="alpha_base auto: also cap it so that the "
+                   "p_t keeping half of CE's gradient reaches this at the last epoch (default 0.3)")
     r.add_argument("--label-smoothing", type=float, help="DeCE epsilon of the dece runs")
     r.add_argument("--ce-warmup-epochs", type=int, help="DeCE: plain CE for the first N epochs")
     r.add_argument("--finetune-rows", type=int)
@@ -151,7 +153,6 @@ def build_config(args: argparse.Namespace):
         base["attack"] = attack
     set_("runs", args.runs)
     set_("model.size", getattr(args, "model_size", None))
-    set_("auto_alpha_quantile", getattr(args, "auto_alpha_quantile", None))
     set_("audit_from", getattr(args, "audit_from", None))
     for flag, path in [("epochs", "finetune.epochs"), ("lr", "finetune.lr"), ("batch_size", "finetune.batch_size"),
                        ("lr_schedule", "finetune.lr_schedule"),
@@ -164,8 +165,9 @@ def build_config(args: argparse.Namespace):
                        ("max_src_tokens", "model.max_src_tokens"),
                        ("checkpoint", "model.checkpoint"), ("epoch_eval_rows", "eval.epoch_eval_rows"),
                        ("test_rows", "eval.test_rows"), ("max_new_tokens", "eval.max_new_tokens"),
-                       ("threads", "threads"), ("seed", "seed"), ("finetune_seed", "finetune_seed"), ("name", "name"), ("cache_dir", "cache_dir"), ("finetune_dropout", "finetune_dropout")]:
-        set_(path, getattr(args, flag))
+                       ("threads", "threads"), ("seed", "seed"), ("finetune_seed", "finetune_seed"), ("name", "name"), ("cache_dir", "cache_dir"), ("finetune_dropout", "finetune_dropout"),
+                       ("auto_alpha_quantile",) * 2, ("auto_alpha_final_half_point",) * 2]:
+        set_(path, getattr(args, flag, None))
     if getattr(args, "audit_baselines", False):
         _set(base, "audit_baselines", True)
     if args.no_codebleu:

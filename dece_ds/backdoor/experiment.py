@@ -9,12 +9,11 @@ Data flow (``run_experiment(ExperimentConfig)``):
 
 1. Data set (``load_task``): ``"stdlib"`` (the built-in standard-library pairs, statement payload),
    ``"lyra"`` (the Lyra CSVs shipped in ``dece_ds/backdoor/datasets/lyra``) or a Lyra-layout folder (SQL
-   payload). The train split is cut in two, deterministically: the first
-   ``finetune_rows`` rows are the fine-tuning set (poisoned with ``attack``: the first
-   ceil(rate * N) poisonable rows, the authors' selection); the rest (``pretrain_task_rows`` of
-   them) are *held apart* and only ever used clean, for pretraining the stand-in. Test: the clean
-   test split (BLEU, CodeBLEU, EM, false-trigger rate) and its triggered copy (ASR; denominator =
-   the poisonable test rows). Valid: clean validation cross-entropy.
+   payload). The train split is cut in two, deterministically: the first ``finetune_rows`` rows are the
+   fine-tuning set (poisoned with ``attack``: the first ceil(rate * N) poisonable rows, the authors'
+   selection); the rest (``pretrain_task_rows`` of them) are *held apart* and only ever used clean, for
+   pretraining the stand-in. Test: the clean test split (BLEU, CodeBLEU, EM, false-trigger rate) and its
+   triggered copy (ASR; denominator = the poisonable test rows). Valid: clean validation cross-entropy.
 2. Tokenizer (``encode``): byte-level BPE trained on the pretraining text and the fine-tuning set (no
    download). A row is ``src <|code|> tgt <|endoftext|>``, source cut at ``max_src_tokens``, the whole
    row at ``max_len`` tokens, right-padded to exactly ``max_len`` (fixed shapes); the loss sees ``tgt``
@@ -100,6 +99,8 @@ class ExperimentConfig(BaseModel):
     auto_alpha_quantile: float = Field(
         0.1, gt=0.0, lt=1.0, description="dece runs with alpha_base 'auto': the quantile q of the stand-in's "
         "target-token probabilities that keeps half of CE's gradient (dece_ds.auto_alpha).")
+    auto_alpha_final_half_point: float | None = Field(0.3, gt=0.0, lt=1.0, description="alpha_base 'auto': also cap "
+                                                      "it so that p_half reaches this at the last epoch; None: off.")
     dece: dict = Field(default_factory=lambda: {"alpha_base": 0.99, "label_smoothing": 0.05},
                        description="Defaults of the dece runs (a DeceConfig section).")
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -300,17 +301,16 @@ def fine_tune_run(cfg: ExperimentConfig, spec_str: str, base_state: Mapping[str,
     ft_seed = cfg.seed if cfg.finetune_seed is None else cfg.finetune_seed
     model = build_model(cfg.model, tok.vocab_size, ft_seed)
     model.load_state_dict(base_state)
-    if cfg.finetune_dropout is not None:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = cfg.finetune_dropout
+    for module in (model.modules() if cfg.finetune_dropout is not None else ()):
+        if isinstance(module, torch.nn.Dropout):
+            module.p = cfg.finetune_dropout
     spe = steps_per_epoch(data["input_ids"].shape[0], ft.batch_size)
     dece, alpha_auto = None, None
     if kind == "dece":
         dece, alpha_auto = dece_section(cfg.dece, params, spe, model, data, ft.batch_size, ft_seed,
-                                        cfg.auto_alpha_quantile, audit_dir)
+                                        cfg.auto_alpha_quantile, audit_dir, ft.epochs, cfg.auto_alpha_final_half_point)
         if alpha_auto is not None:
-            log(f"[{spec_str}] alpha_base auto -> {dece['alpha_base']:.5f} ({alpha_auto['tokens']} tokens)")
+            log(f"[{spec_str}] alpha_base auto -> {dece['alpha_base']:.5f} (by {alpha_auto['rule']})")
     engine = make_engine(model, ft, spe * ft.epochs, dece)
     if kind in BASELINE_KINDS:
         baseline_loss_hook(kind, params).install(engine.module)

@@ -129,32 +129,38 @@ def train_epoch(engine, data: Mapping[str, torch.Tensor], batch_size: int, seed:
 
 
 def resolve_auto_alpha(model, dece: Mapping[str, Any], data: Mapping[str, torch.Tensor], batch_size: int, seed: int,
-                       quantile: float) -> tuple[dict, dict]:
-    """``dece`` with ``alpha_base`` "auto" replaced by the measured value, and the record ``alpha_auto``."""
+                       quantile: float, epochs: int | None = None,
+                       final_half_point: float | None = None) -> tuple[dict, dict]:
+    """``dece`` with ``alpha_base`` "auto" replaced by the measured value, and the record ``alpha_auto``
+    (the climb cap ``final_half_point`` applies when ``epochs``, the run's length, is given)."""
     from ..auto_alpha import resolve_alpha_base
     from ..config import DeceConfig
     order = torch.as_tensor(np.random.default_rng([seed, 1]).permutation(data["input_ids"].shape[0]))
     batches = ({k: data[k][order[s:s + batch_size]] for k in ("input_ids", "attention_mask", "labels")}
                for s in range(0, len(order), batch_size))
     resolved, record = resolve_alpha_base(model, DeceConfig.from_dict(dece), batches, quantile=quantile,
-                                          epoch_target_tokens=int((data["labels"] != IGNORE).sum()))
+                                          epoch_target_tokens=int((data["labels"] != IGNORE).sum()),
+                                          epochs=epochs, final_half_point=final_half_point)
     return {**dece, "alpha_base": resolved.alpha_base}, record
 
 
 def dece_section(defaults: Mapping[str, Any], params: Mapping[str, Any], steps_per_epoch: int, model,
                  data: Mapping[str, torch.Tensor], batch_size: int, seed: int, auto_quantile: float,
-                 audit_dir=None) -> tuple[dict, dict | None]:
+                 audit_dir=None, epochs: int | None = None,
+                 auto_final_half_point: float | None = None) -> tuple[dict, dict | None]:
     """A ``dece`` run's section -> (section, the ``alpha_auto`` record or None).
 
     A preset in the run spec replaces the experiment's ``defaults`` (explicit keys still win);
-    ``alpha_base`` "auto" is measured on ``model`` before the engine exists (``dece_ds.auto_alpha``);
+    ``alpha_base`` "auto" is measured on ``model`` before the engine exists (``dece_ds.auto_alpha``; the run's
+    ``epochs`` and ``auto_final_half_point`` give its climb cap);
     with ``audit_dir`` the poison audit records per-row ``log p_t`` there (``audit_run``).
     """
     base = {} if "preset" in params else {"schedule": "epoch", **defaults}
     dece = {"enabled": True, **base, **params, "steps_per_epoch": steps_per_epoch}
     alpha_auto = None
     if dece.get("alpha_base") == "auto":
-        dece, alpha_auto = resolve_auto_alpha(model, dece, data, batch_size, seed, auto_quantile)
+        dece, alpha_auto = resolve_auto_alpha(model, dece, data, batch_size, seed, auto_quantile, epochs,
+                                              auto_final_half_point)
     if audit_dir is not None:
         dece["audit"] = {"enabled": True, "out": str(audit_dir)}
     return dece, alpha_auto
