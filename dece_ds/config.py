@@ -68,8 +68,8 @@ class DeceConfig(BaseModel):
         0.05, ge=0.0, lt=1.0,
         description="epsilon: the target keeps 1-eps, every other token gets eps/(V-1).")
     alpha_base: AlphaBase | Literal["auto"] = Field(
-        0.99, description="alpha = alpha_base ** e; 1 gives label-smoothed CE. \"auto\": set from the model's "
-                          "target-token probabilities before training (dece_ds.auto_alpha.resolve_alpha_base).")
+        0.99, description="alpha = alpha_base ** e; 1 gives label-smoothed CE. \"auto\": set before training from the "
+                          "model's target-token probabilities and the run's epochs (dece_ds.auto_alpha.resolve_alpha_base).")
     schedule: Schedule = Field(
         "epoch", description="epoch: e = epoch from 1; continuous: e = 1 + step/steps_per_epoch; "
                              "constant: alpha = alpha_base.")

@@ -4,7 +4,8 @@ CE against DeCE per file (``backdoor-headline``). Each takes ``KIND:STEM[,STEM..
 prints ``benchmarks/backdoor_target_probs.py``'s JSON (where each alpha rule puts the half-gradient point);
 ``backdoor-grid:STEM,...`` the trigger x payload grid (``dece-ds backdoor report --grid``);
 ``backdoor-seeds:STEM,...`` mean ± std over the files' fine-tuning seeds and each defended run's paired BLEU gap to
-CE (``dece-ds backdoor report``). A stem with a folder (``audit/NAME``) is read from ``benchmarks/results/``."""
+CE (``dece-ds backdoor report``); ``backdoor-climb:STEM,...`` every DeCE run's half-gradient point at its last
+epoch against its ASR. A stem with a folder (``audit/NAME``) is read from ``benchmarks/results/``."""
 
 from __future__ import annotations
 
@@ -137,3 +138,25 @@ def backdoor_seeds(root: Path, arg: str) -> str:
     from ..backdoor.aggregate import gap_table, seed_table
     loaded = [_backdoor(root, s) for s in split_stems(arg, "backdoor-seeds")]
     return seed_table(loaded) + "\n\n" + gap_table(loaded)
+
+
+def backdoor_climb(root: Path, arg: str) -> str:
+    """Every DeCE run of the files, ordered by the half-gradient point p_half = (1 - a)(1 - eps) / a at its last
+    epoch (a: the alpha the run recorded for that epoch): how far the half-point climbed against the ASR."""
+    from ..auto_alpha import half_point
+    rows = []
+    for stem in split_stems(arg, "backdoor-climb"):
+        r = _backdoor(root, stem)
+        ce = r["runs"].get("ce", {}).get("final", {}).get("asr")
+        for spec, run in r["runs"].items():
+            last = run["epochs"][-1] if run.get("epochs") else {}
+            if run.get("kind", spec.partition(":")[0]) != "dece" or last.get("alpha") is None:
+                continue
+            p_half = half_point(last["alpha"], run["loss"]["label_smoothing"])
+            rows.append((p_half, [f"`{stem}`", _run_label(spec, run), f"{run['loss']['alpha_base']:.4g}",
+                                  str(len(run["epochs"])), f"{last['alpha']:.3f}", f"{p_half:.3f}",
+                                  fmt(ce, 1), fmt(run["final"]["asr"], 1)]))
+    if not rows:
+        raise TableError(f"backdoor-climb:{arg}: no DeCE run with a recorded alpha")
+    return md_table(["results", "run", "alpha_base", "epochs", "alpha at the last epoch", "p_half at the last epoch",
+                     "CE's ASR %", "ASR %"], [row for _, row in sorted(rows, key=lambda x: x[0])])

@@ -213,3 +213,25 @@ def test_docs_seed_table_reads_audit_results_and_refuses_other_paths(tmp_path):
     assert "larger than the spread" in table
     with pytest.raises(TableError, match="a name or a folder/name"):
         backdoor_seeds(tmp_path, "../secrets")
+
+
+def test_docs_climb_table_orders_dece_runs_by_the_last_half_point(tmp_path):
+    """``backdoor-climb``: p_half = (1 - a)(1 - eps) / a from the alpha each DeCE run recorded at its last epoch,
+    rows from the lowest half-point up; CE and runs without a recorded alpha are left out."""
+    from dece_ds.docs_tables.backdoor_tables import backdoor_climb
+    from dece_ds.docs_tables.common import TableError
+    folder = tmp_path / "benchmarks" / "results" / "backdoor"
+    folder.mkdir(parents=True)
+    res = _results(0, {"ce": _final(45.0, 80.0), "dece:alpha_base=0.97": _final(40.0, 0.0),
+                       "dece:alpha_base=0.99": _final(44.0, 50.0)})
+    for spec, base, eps in [("dece:alpha_base=0.97", 0.97, 0.05), ("dece:alpha_base=0.99", 0.99, 0.1)]:
+        res["runs"][spec].update(kind="dece", loss={"alpha_base": base, "label_smoothing": eps},
+                                 epochs=[{"alpha": base}, {"alpha": base ** 2}])
+    (folder / "c.json").write_text(json.dumps(res))
+    rows = [line for line in backdoor_climb(tmp_path, "c").splitlines() if line.startswith("| `c`")]
+    # 0.99 ** 2 = 0.9801: (0.0199 * 0.9) / 0.9801 = 0.01827; 0.97 ** 2 = 0.9409: (0.0591 * 0.95) / 0.9409 = 0.05967
+    assert rows == ["| `c` | DeCE on poisoned data (alpha_base=0.99) | 0.99 | 2 | 0.980 | 0.018 | 80.0 | 50.0 |",
+                    "| `c` | DeCE on poisoned data (alpha_base=0.97) | 0.97 | 2 | 0.941 | 0.060 | 80.0 | 0.0 |"]
+    (folder / "ce.json").write_text(json.dumps(_results(0, {"ce": _final(45.0, 80.0)})))
+    with pytest.raises(TableError, match="no DeCE run"):
+        backdoor_climb(tmp_path, "ce")
