@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backdoor_payload_probs import load_poisoned_run, payload_span  # noqa: E402
-from dece_ds.auto_alpha import alpha_base_from_probs, alpha_for_weight  # noqa: E402
+from dece_ds.auto_alpha import alpha_base_from_probs, alpha_for_weight, half_point  # noqa: E402
 from dece_ds.backdoor.encode import IGNORE, encode_pairs  # noqa: E402
 from dece_ds.config import DeceConfig  # noqa: E402
 
@@ -75,10 +75,6 @@ def otsu_threshold(x: np.ndarray, bins: int = 256) -> float:
     mean0, mean1 = m0 / np.maximum(w0, 1), (np.sum(hist * centres) - m0) / np.maximum(w1, 1)
     between = w0 * w1 * (mean0 - mean1) ** 2
     return float(edges[1:][:-1][int(np.argmax(between))])
-
-
-def half_point(alpha: float, eps: float) -> float:
-    return (1.0 - alpha) * (1.0 - eps) / alpha
 
 
 def rules(p: np.ndarray, payload: np.ndarray, eps: float) -> list[dict]:

@@ -92,15 +92,6 @@ def last_exponent(config: DeceConfig, epochs: int) -> float | None:
     return None if config.schedule == "constant" else float(epochs)
 
 
-def alpha_base_for_final_half_point(half_point: float, config: DeceConfig, epochs: int) -> float | None:
-    """The alpha_base whose alpha at the last epoch gives a token of probability ``half_point`` half of CE's
-    gradient (None for a constant schedule)."""
-    e_last = last_exponent(config, epochs)
-    if e_last is None:
-        return None
-    return alpha_for_weight(half_point, config.label_smoothing, TARGET_WEIGHT) ** (1.0 / e_last)
-
-
 def half_point(alpha: float, label_smoothing: float) -> float:
     """p_half = (1 - alpha)(1 - eps) / alpha: the target probability that keeps half of CE's gradient."""
     return (1.0 - alpha) * (1.0 - label_smoothing) / alpha
@@ -151,8 +142,9 @@ def alpha_base_from_probs(p_t: torch.Tensor, config: DeceConfig, quantile: float
     alpha_1 = alpha_for_weight(p_used, config.label_smoothing, weight)
     e_1 = first_exponent(config)
     by_quantile = alpha_1 ** (1.0 / e_1)
-    by_climb = (None if epochs is None or final_half_point is None
-                else alpha_base_for_final_half_point(final_half_point, config, epochs))
+    e_last = None if epochs is None else last_exponent(config, epochs)
+    by_climb = (None if e_last is None or final_half_point is None
+                else alpha_for_weight(final_half_point, config.label_smoothing, TARGET_WEIGHT) ** (1.0 / e_last))
     rule = "final_half_point" if by_climb is not None and by_climb < by_quantile else "quantile"
     picked = by_climb if rule == "final_half_point" else by_quantile
     alpha_base = min(1.0, max(picked, config.alpha_min, 1e-6))
@@ -161,9 +153,8 @@ def alpha_base_from_probs(p_t: torch.Tensor, config: DeceConfig, quantile: float
               "p_t_quantiles": {f"{q:g}": float(torch.quantile(p_t, q)) for q in REPORTED_QUANTILES},
               "tokens": int(p_t.numel()), "rule": rule, "alpha_base_quantile": min(1.0, by_quantile),
               "final_half_point": final_half_point, "epochs": epochs, "alpha_base_final_half_point": by_climb}
-    if epochs is not None and last_exponent(config, epochs) is not None:
-        last_alpha = max(alpha_base ** last_exponent(config, epochs), config.alpha_min)
-        record["p_half_last_epoch"] = half_point(last_alpha, config.label_smoothing)
+    if e_last is not None:
+        record["p_half_last_epoch"] = half_point(max(alpha_base ** e_last, config.alpha_min), config.label_smoothing)
     return alpha_base, record
 
 
