@@ -1,6 +1,6 @@
 """The backdoor experiment's stage specifications: the stand-in model (``ModelSpec``, size presets
 ``MODEL_SIZES``), a training stage (``StageSpec``, ``PretrainSpec``) and the evaluation (``EvalSpec``).
-``experiment.ExperimentConfig`` holds one of each; every name is re-exported from ``experiment``.
+``experiment_config.ExperimentConfig`` holds one of each; every name is re-exported from ``experiment``.
 """
 
 from __future__ import annotations
