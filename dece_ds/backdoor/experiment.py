@@ -47,7 +47,6 @@ rates, ASR and lift in percent (lift: ``evaluate``'s docstring).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from functools import partial
