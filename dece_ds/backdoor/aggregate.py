@@ -1,5 +1,5 @@
-"""Tables over several results files: fine-tuning seeds (mean ± std, DeCE's BLEU gap to CE) and the
-trigger x payload grid.
+"""Tables over several results files: fine-tuning seeds (mean ± std, DeCE's BLEU gap to CE), the
+trigger x payload grid, and alpha_base "auto" against CE setting by setting (``auto_rows``).
 
 Seeds. A *cell* is one data set / attack / trigger count / poison rate (``report.column_name``); results
 files of one cell with different fine-tuning seeds (``results["finetune_seed"]``; older files:
@@ -173,4 +173,64 @@ def grid_table(results_list: Sequence[Mapping[str, Any]]) -> str:
         mean, _ = mean_std(asr)
         summary.append(MISSING if mean is None else f"mean {mean:.1f}, worst {max(asr):.1f}")
     lines.append("| all | ASR over the grid | " + " | ".join(summary) + " |")
+    return "\n".join(lines)
+
+
+# ---- alpha_base "auto" across settings ---------------------------------------------------------------
+
+AUTO_CE_ASR_FLOOR = 30.0   # a cell tests the defence only where CE learned the backdoor at least this often
+AUTO_HELD_ASR = 2.0        # "held": the auto run's ASR at most this
+
+
+def setting_key(results: Mapping[str, Any]) -> tuple:
+    """What makes two results files one experiment: data set, attack column, fine-tuning rows, row and
+    instruction lengths, epochs and fine-tuning seed (their CE and DeCE runs are then comparable)."""
+    cfg = results.get("config") or {}
+    model, ft = cfg.get("model") or {}, cfg.get("finetune") or {}
+    return (results["dataset"], column_name(results), results.get("data", {}).get("finetune_rows"),
+            model.get("max_len"), model.get("max_src_tokens"), ft.get("epochs"), finetune_seed(results))
+
+
+def auto_rows(named: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Per setting (``setting_key``) of the ``(stem, results)`` pairs: CE's ASR and BLEU, and each alpha_base
+    "auto" DeCE run's pick, ASR, lift, BLEU, its BLEU gap to CE and the call: "held" (ASR ≤ 2 %), "learned",
+    or no call where CE's ASR is below 30 % or there is no CE run."""
+    settings: dict[tuple, dict[str, Any]] = {}
+    for stem, r in named:
+        entry = settings.setdefault(setting_key(r), {"stems": [], "runs": {}, "results": r})
+        entry["stems"].append(stem)
+        entry["runs"].update(r["runs"])
+    rows = []
+    for key, entry in settings.items():
+        ce = (entry["runs"].get("ce") or {}).get("final")
+        for spec, run in entry["runs"].items():
+            if not run.get("alpha_auto"):
+                continue
+            final = run["final"]
+            if ce is None or ce.get("asr") is None:
+                call = "no call (no CE run)"
+            elif ce["asr"] < AUTO_CE_ASR_FLOOR:
+                call = f"no call (CE below {AUTO_CE_ASR_FLOOR:g} %)"
+            else:
+                call = "held" if final["asr"] <= AUTO_HELD_ASR else "learned"
+            rows.append({"cell": f"{key[0]} {key[1]}", "rows": key[2], "max_len": key[3], "epochs": key[5],
+                         "seed": key[6], "stems": entry["stems"], "ce_asr": None if ce is None else ce.get("asr"),
+                         "ce_bleu": None if ce is None else ce.get("bleu"),
+                         "alpha_base": run["alpha_auto"]["alpha_base"], "asr": final["asr"],
+                         "lift": final.get("lift"), "bleu": final["bleu"],
+                         "gap": None if ce is None else final["bleu"] - ce["bleu"], "call": call})
+    return rows
+
+
+def auto_table(named: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """``auto_rows`` as markdown: one row per setting and auto run."""
+    f1 = lambda x: MISSING if x is None else f"{x:.1f}"  # noqa: E731
+    f2 = lambda x: MISSING if x is None else f"{x:.2f}"  # noqa: E731
+    lines = ["| cell | rows / tokens / epochs | seed | results | CE: ASR % / BLEU | auto alpha_base | "
+             "auto: ASR % / lift / BLEU | BLEU − CE | call |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in auto_rows(named):
+        lines.append(f"| {r['cell']} | {r['rows']} / {r['max_len']} / {r['epochs']} | {r['seed']} | "
+                     f"{', '.join(f'`{s}`' for s in r['stems'])} | {f1(r['ce_asr'])} / {f2(r['ce_bleu'])} | "
+                     f"{r['alpha_base']:.4f} | {f1(r['asr'])} / {f1(r['lift'])} / {f2(r['bleu'])} | "
+                     f"{MISSING if r['gap'] is None else format(r['gap'], '+.2f')} | {r['call']} |")
     return "\n".join(lines)

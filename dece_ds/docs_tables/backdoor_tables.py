@@ -5,7 +5,7 @@ prints ``benchmarks/backdoor_target_probs.py``'s JSON (where each alpha rule put
 ``backdoor-grid:STEM,...`` the trigger x payload grid (``dece-ds backdoor report --grid``);
 ``backdoor-seeds:STEM,...`` mean ± std over the files' fine-tuning seeds and each defended run's paired BLEU gap to
 CE (``dece-ds backdoor report``); ``backdoor-climb:STEM,...`` every DeCE run's half-gradient point at its last
-epoch against its ASR. A stem with a folder (``audit/NAME``) is read from ``benchmarks/results/``."""
+epoch against its ASR; ``backdoor-auto:STEM,...`` each alpha_base "auto" run against CE in the same setting. A stem with a folder (``audit/NAME``) is read from ``benchmarks/results/``."""
 
 from __future__ import annotations
 
@@ -160,3 +160,13 @@ def backdoor_climb(root: Path, arg: str) -> str:
         raise TableError(f"backdoor-climb:{arg}: no DeCE run with a recorded alpha")
     return md_table(["results", "run", "alpha_base", "epochs", "alpha at the last epoch", "p_half at the last epoch",
                      "CE's ASR %", "ASR %"], [row for _, row in sorted(rows, key=lambda x: x[0])])
+
+
+def backdoor_auto(root: Path, arg: str) -> str:
+    """Per setting of the files (``aggregate.setting_key``): CE, each alpha_base "auto" run, the gap and the call."""
+    from ..backdoor.aggregate import auto_table
+    stems = split_stems(arg, "backdoor-auto")
+    table = auto_table([(stem, _backdoor(root, stem)) for stem in stems])
+    if table.count("\n") < 2:
+        raise TableError(f"backdoor-auto:{arg}: no DeCE run with alpha_base 'auto' in these files")
+    return table

@@ -23,8 +23,8 @@ import importlib
 from pathlib import Path
 from typing import Callable
 
-from .backdoor_tables import (backdoor_climb, backdoor_combined, backdoor_epochs, backdoor_grid, backdoor_headline,
-                              backdoor_runs, backdoor_seeds, backdoor_target_probs)
+from .backdoor_tables import (backdoor_auto, backdoor_climb, backdoor_combined, backdoor_epochs, backdoor_grid,
+                              backdoor_headline, backdoor_runs, backdoor_seeds, backdoor_target_probs)
 from .bench_tables import (
     audit_overhead,
     bench_dece,
@@ -66,6 +66,7 @@ GENERATORS: dict[str, Generator] = {
     "backdoor-grid": backdoor_grid,
     "backdoor-seeds": backdoor_seeds,
     "backdoor-climb": backdoor_climb,
+    "backdoor-auto": backdoor_auto,
     "bench-dece": bench_dece,
     "bench-dece-backends": bench_dece_backends,
     "bench-vocab-parallel": bench_vocab_parallel,
