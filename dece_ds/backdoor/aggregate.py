@@ -18,7 +18,7 @@ paired seeds there is no spread and no call. The table also gives the paired sta
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from .report import MISSING, auto_alpha_note, column_name, run_label
 
@@ -182,28 +182,37 @@ AUTO_CE_ASR_FLOOR = 30.0   # a cell tests the defence only where CE learned the 
 AUTO_HELD_ASR = 2.0        # "held": the auto run's ASR at most this
 
 
-def setting_key(results: Mapping[str, Any]) -> tuple:
-    """What makes two results files one experiment: data set, attack column, fine-tuning rows, row and
-    instruction lengths, epochs and fine-tuning seed (their CE and DeCE runs are then comparable)."""
+class Setting(NamedTuple):
+    """What makes two results files one experiment (their CE and DeCE runs are then comparable)."""
+    cell: str            # data set, attack column (``report.column_name``)
+    rows: int | None     # fine-tuning rows
+    max_len: int | None
+    max_src_tokens: int | None
+    epochs: int | None
+    seed: int            # fine-tuning seed
+
+
+def setting_key(results: Mapping[str, Any]) -> Setting:
     cfg = results.get("config") or {}
     model, ft = cfg.get("model") or {}, cfg.get("finetune") or {}
-    return (results["dataset"], column_name(results), results.get("data", {}).get("finetune_rows"),
-            model.get("max_len"), model.get("max_src_tokens"), ft.get("epochs"), finetune_seed(results))
+    return Setting(f"{results['dataset']} {column_name(results)}", results.get("data", {}).get("finetune_rows"),
+                   model.get("max_len"), model.get("max_src_tokens"), ft.get("epochs"), finetune_seed(results))
 
 
 def auto_rows(named: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
     """Per setting (``setting_key``) of the ``(stem, results)`` pairs: CE's ASR and BLEU, and each alpha_base
     "auto" DeCE run's pick, ASR, lift, BLEU, its BLEU gap to CE and the call: "held" (ASR ≤ 2 %), "learned",
     or no call where CE's ASR is below 30 % or there is no CE run."""
-    settings: dict[tuple, dict[str, Any]] = {}
+    stems: dict[Setting, list[str]] = {}
+    runs: dict[Setting, dict[str, Any]] = {}
     for stem, r in named:
-        entry = settings.setdefault(setting_key(r), {"stems": [], "runs": {}, "results": r})
-        entry["stems"].append(stem)
-        entry["runs"].update(r["runs"])
+        key = setting_key(r)
+        stems.setdefault(key, []).append(stem)
+        runs.setdefault(key, {}).update(r["runs"])
     rows = []
-    for key, entry in settings.items():
-        ce = (entry["runs"].get("ce") or {}).get("final")
-        for spec, run in entry["runs"].items():
+    for key, setting_runs in runs.items():
+        ce = (setting_runs.get("ce") or {}).get("final")
+        for run in setting_runs.values():
             if not run.get("alpha_auto"):
                 continue
             final = run["final"]
@@ -213,8 +222,8 @@ def auto_rows(named: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict[str, 
                 call = f"no call (CE below {AUTO_CE_ASR_FLOOR:g} %)"
             else:
                 call = "held" if final["asr"] <= AUTO_HELD_ASR else "learned"
-            rows.append({"cell": f"{key[0]} {key[1]}", "rows": key[2], "max_len": key[3], "epochs": key[5],
-                         "seed": key[6], "stems": entry["stems"], "ce_asr": None if ce is None else ce.get("asr"),
+            rows.append({"cell": key.cell, "rows": key.rows, "max_len": key.max_len, "epochs": key.epochs,
+                         "seed": key.seed, "stems": stems[key], "ce_asr": None if ce is None else ce.get("asr"),
                          "ce_bleu": None if ce is None else ce.get("bleu"),
                          "alpha_base": run["alpha_auto"]["alpha_base"], "asr": final["asr"],
                          "lift": final.get("lift"), "bleu": final["bleu"],
@@ -223,12 +232,15 @@ def auto_rows(named: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict[str, 
 
 
 def auto_table(named: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
-    """``auto_rows`` as markdown: one row per setting and auto run."""
+    """``auto_rows`` as markdown: one row per setting and auto run; ``ValueError`` when no file has an auto run."""
+    rows = auto_rows(named)
+    if not rows:
+        raise ValueError("no DeCE run with alpha_base 'auto' in these files")
     f1 = lambda x: MISSING if x is None else f"{x:.1f}"  # noqa: E731
     f2 = lambda x: MISSING if x is None else f"{x:.2f}"  # noqa: E731
     lines = ["| cell | rows / tokens / epochs | seed | results | CE: ASR % / BLEU | auto alpha_base | "
              "auto: ASR % / lift / BLEU | BLEU − CE | call |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in auto_rows(named):
+    for r in rows:
         lines.append(f"| {r['cell']} | {r['rows']} / {r['max_len']} / {r['epochs']} | {r['seed']} | "
                      f"{', '.join(f'`{s}`' for s in r['stems'])} | {f1(r['ce_asr'])} / {f2(r['ce_bleu'])} | "
                      f"{r['alpha_base']:.4f} | {f1(r['asr'])} / {f1(r['lift'])} / {f2(r['bleu'])} | "

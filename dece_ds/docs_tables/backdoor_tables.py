@@ -5,7 +5,8 @@ prints ``benchmarks/backdoor_target_probs.py``'s JSON (where each alpha rule put
 ``backdoor-grid:STEM,...`` the trigger x payload grid (``dece-ds backdoor report --grid``);
 ``backdoor-seeds:STEM,...`` mean ± std over the files' fine-tuning seeds and each defended run's paired BLEU gap to
 CE (``dece-ds backdoor report``); ``backdoor-climb:STEM,...`` every DeCE run's half-gradient point at its last
-epoch against its ASR; ``backdoor-auto:STEM,...`` each alpha_base "auto" run against CE in the same setting. A stem with a folder (``audit/NAME``) is read from ``benchmarks/results/``."""
+epoch against its ASR; ``backdoor-auto:STEM,...`` each alpha_base "auto" run against CE in the same setting.
+A stem with a folder (``audit/NAME``) is read from ``benchmarks/results/``."""
 
 from __future__ import annotations
 
@@ -166,7 +167,7 @@ def backdoor_auto(root: Path, arg: str) -> str:
     """Per setting of the files (``aggregate.setting_key``): CE, each alpha_base "auto" run, the gap and the call."""
     from ..backdoor.aggregate import auto_table
     stems = split_stems(arg, "backdoor-auto")
-    table = auto_table([(stem, _backdoor(root, stem)) for stem in stems])
-    if table.count("\n") < 2:
-        raise TableError(f"backdoor-auto:{arg}: no DeCE run with alpha_base 'auto' in these files")
-    return table
+    try:
+        return auto_table([(stem, _backdoor(root, stem)) for stem in stems])
+    except ValueError as e:
+        raise TableError(f"backdoor-auto:{arg}: {e}") from None
