@@ -90,7 +90,7 @@ def add_parser(subparsers) -> None:
     r.add_argument("--corpus-functions", type=int, help="standard-library functions in the pretraining corpus")
     r.add_argument("--stdlib-examples", type=int, help="cap on the built-in pairs (all splits)")
     r.add_argument("--model-size", choices=MODEL_SIZE_NAMES,
-                   help="stand-in size preset, layers x width (4x256: the default; 8x512: 8 heads); "
+                   help="stand-in size preset, layers x width, 64-wide heads (4x256: the default; 6x384; 8x512); "
                         "--layers/--width override it")
     r.add_argument("--layers", type=int)
     r.add_argument("--width", type=int)

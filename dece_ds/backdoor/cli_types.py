@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-MODEL_SIZE_NAMES = ("4x256", "8x512")  # the keys of specs.MODEL_SIZES (a test holds them equal)
+MODEL_SIZE_NAMES = ("4x256", "6x384", "8x512")  # the keys of specs.MODEL_SIZES (a test holds them equal)
 
 
 def alpha_base_arg(text: str) -> float | str:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MODEL_SIZES: dict[str, dict[str, int]] = {
     # layers x width; heads of 64 dimensions. "4x256" is the default stand-in (ModelSpec's own defaults).
     "4x256": {"n_layer": 4, "n_embd": 256, "n_head": 4},
+    "6x384": {"n_layer": 6, "n_embd": 384, "n_head": 6},
     "8x512": {"n_layer": 8, "n_embd": 512, "n_head": 8},
 }
 

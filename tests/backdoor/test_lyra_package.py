@@ -86,15 +86,16 @@ def test_model_size_presets():
     assert (big.n_layer, big.n_embd, big.n_head) == (8, 512, 8)
     assert ModelSpec(size="8x512", n_layer=6).n_layer == 6  # keys given win
     assert "size" not in big.model_dump()  # not stored: the cache key sees only the numbers
-    assert set(MODEL_SIZES) == {"4x256", "8x512"}
+    assert set(MODEL_SIZES) == {"4x256", "6x384", "8x512"}
     from dece_ds.backdoor.cli_types import MODEL_SIZE_NAMES
     assert MODEL_SIZE_NAMES == tuple(MODEL_SIZES)
-    with pytest.raises(ValueError, match="size: expected one of 4x256, 8x512, got '2x2'"):
+    with pytest.raises(ValueError, match="size: expected one of 4x256, 6x384, 8x512, got '2x2'"):
         ModelSpec(size="2x2")
     from dece_ds.backdoor.standin import build_model
     n_params = [sum(p.numel() for p in build_model(ModelSpec(size=size, max_len=192), 4096, 0).parameters())
-                for size in ("4x256", "8x512")]
-    assert n_params == [4_259_328, 27_419_648]  # about 6.4 times (docs/backdoor.md, "A larger stand-in")
+                for size in ("4x256", "6x384", "8x512")]
+    # 6x384 about 2.9 times, 8x512 about 6.4 times the default (docs/backdoor.md, "A larger stand-in")
+    assert n_params == [4_259_328, 12_297_216, 27_419_648]
     a = ExperimentConfig(model={"size": "8x512"})
     b = ExperimentConfig(model={"n_layer": 8, "n_embd": 512, "n_head": 8})
     assert stand_in_key(a, 10) == stand_in_key(b, 10) != stand_in_key(ExperimentConfig(), 10)
