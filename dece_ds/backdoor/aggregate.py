@@ -21,6 +21,7 @@ import math
 from typing import Any, Mapping, NamedTuple, Sequence
 
 from .report import MISSING, auto_alpha_note, column_name, run_label
+from .specs import ModelSpec
 
 DEFENDED_KINDS = ("dece", "audit_retrain", "audit_repair")
 
@@ -185,6 +186,7 @@ AUTO_HELD_ASR = 2.0        # "held": the auto run's ASR at most this
 class Setting(NamedTuple):
     """What makes two results files one experiment (their CE and DeCE runs are then comparable)."""
     cell: str            # data set, attack column (``report.column_name``)
+    stand_in: str        # layers x width, e.g. "4x256"
     rows: int | None     # fine-tuning rows
     max_len: int | None
     max_src_tokens: int | None
@@ -195,7 +197,9 @@ class Setting(NamedTuple):
 def setting_key(results: Mapping[str, Any]) -> Setting:
     cfg = results.get("config") or {}
     model, ft = cfg.get("model") or {}, cfg.get("finetune") or {}
-    return Setting(f"{results['dataset']} {column_name(results)}", results.get("data", {}).get("finetune_rows"),
+    defaults = ModelSpec.model_fields
+    stand_in = f"{model.get('n_layer', defaults['n_layer'].default)}x{model.get('n_embd', defaults['n_embd'].default)}"
+    return Setting(f"{results['dataset']} {column_name(results)}", stand_in, results.get("data", {}).get("finetune_rows"),
                    model.get("max_len"), model.get("max_src_tokens"), ft.get("epochs"), finetune_seed(results))
 
 
@@ -222,7 +226,7 @@ def auto_rows(named: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict[str, 
                 call = f"no call (CE below {AUTO_CE_ASR_FLOOR:g} %)"
             else:
                 call = "held" if final["asr"] <= AUTO_HELD_ASR else "learned"
-            rows.append({"cell": key.cell, "rows": key.rows, "max_len": key.max_len, "epochs": key.epochs,
+            rows.append({"cell": key.cell, "stand_in": key.stand_in, "rows": key.rows, "max_len": key.max_len, "epochs": key.epochs,
                          "seed": key.seed, "stems": stems[key], "ce_asr": None if ce is None else ce.get("asr"),
                          "ce_bleu": None if ce is None else ce.get("bleu"),
                          "alpha_base": run["alpha_auto"]["alpha_base"], "asr": final["asr"],
@@ -238,10 +242,10 @@ def auto_table(named: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
         raise ValueError("no DeCE run with alpha_base 'auto' in these files")
     f1 = lambda x: MISSING if x is None else f"{x:.1f}"  # noqa: E731
     f2 = lambda x: MISSING if x is None else f"{x:.2f}"  # noqa: E731
-    lines = ["| cell | rows / tokens / epochs | seed | results | CE: ASR % / BLEU | auto alpha_base | "
+    lines = ["| cell | stand-in / rows / tokens / epochs | seed | results | CE: ASR % / BLEU | auto alpha_base | "
              "auto: ASR % / lift / BLEU | BLEU − CE | call |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['cell']} | {r['rows']} / {r['max_len']} / {r['epochs']} | {r['seed']} | "
+        lines.append(f"| {r['cell']} | {r['stand_in']} / {r['rows']} / {r['max_len']} / {r['epochs']} | {r['seed']} | "
                      f"{', '.join(f'`{s}`' for s in r['stems'])} | {f1(r['ce_asr'])} / {f2(r['ce_bleu'])} | "
                      f"{r['alpha_base']:.4f} | {f1(r['asr'])} / {f1(r['lift'])} / {f2(r['bleu'])} | "
                      f"{MISSING if r['gap'] is None else format(r['gap'], '+.2f')} | {r['call']} |")

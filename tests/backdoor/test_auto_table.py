@@ -7,11 +7,14 @@ from dece_ds.backdoor.aggregate import auto_rows, auto_table
 from dece_ds.docs_tables.common import TableError
 
 
-def _file(*, seed=0, max_len=192, epochs=10, n_insertions=3, runs):
+def _file(*, seed=0, max_len=192, epochs=10, n_insertions=3, layers=None, runs):
+    model = {"max_len": max_len, "max_src_tokens": 96}
+    if layers is not None:
+        model.update(n_layer=layers, n_embd=384)
     return {"dataset": "lyra", "attack": "badpre", "poison_rate": 10.0, "finetune_seed": seed,
             "data": {"finetune_rows": 1600},
             "config": {"attack": {"attack": "badpre", "rate": 0.1, "n_insertions": n_insertions},
-                       "model": {"max_len": max_len, "max_src_tokens": 96}, "finetune": {"epochs": epochs}},
+                       "model": model, "finetune": {"epochs": epochs}},
             "runs": runs}
 
 
@@ -34,9 +37,12 @@ def test_files_of_one_setting_pair_and_others_stay_apart():
         ("b-auto", _file(max_len=160, n_insertions=1, runs={AUTO: _run(43.0, 5.0, 0.97, 4.0)})),
         ("a-both", _file(epochs=12, runs={"ce": _run(41.0, 41.8), AUTO: _run(42.5, 3.0, 0.9773, 2.0),
                                           "dece:alpha_base=0.97": _run(40.0, 0.0)})),
+        ("big-ce", _file(layers=6, runs={"ce": _run(47.0, 90.0)})),                         # another stand-in
+        ("big-auto", _file(layers=6, runs={AUTO: _run(46.0, 1.0, 0.9729, 1.0)})),
     ]
     rows = {tuple(r["stems"]): r for r in auto_rows(named)}
-    assert set(rows) == {("c-ce", "c-auto"), ("c-auto-seed1",), ("b-ce", "b-auto"), ("a-both",)}
+    assert set(rows) == {("c-ce", "c-auto"), ("c-auto-seed1",), ("b-ce", "b-auto"), ("a-both",),
+                         ("big-ce", "big-auto")}
     c = rows[("c-ce", "c-auto")]
     assert (c["ce_asr"], c["ce_bleu"], c["alpha_base"], c["asr"], c["bleu"]) == (80.0, 45.0, 0.9729, 0.0, 44.25)
     assert c["gap"] == pytest.approx(-0.75) and c["call"] == "held"
@@ -44,6 +50,9 @@ def test_files_of_one_setting_pair_and_others_stay_apart():
     assert rows[("b-ce", "b-auto")]["call"] == "no call (CE below 30 %)"
     a = rows[("a-both",)]
     assert a["call"] == "learned" and a["gap"] == pytest.approx(1.5) and a["epochs"] == 12
+    assert c["stand_in"] == "4x256"  # files without the numbers: ModelSpec's defaults
+    big = rows[("big-ce", "big-auto")]
+    assert big["stand_in"] == "6x384" and big["gap"] == pytest.approx(-1.0) and big["call"] == "held"
 
 
 def test_the_held_line_is_two_percent_inclusive():
@@ -55,7 +64,7 @@ def test_the_held_line_is_two_percent_inclusive():
 
 def test_markdown_row():
     table = auto_table([("c", _file(runs={"ce": _run(45.0, 80.0), AUTO: _run(44.25, 0.0, 0.97293, 0.0)}))])
-    assert table.splitlines()[2] == ("| lyra badpre x3 10% | 1600 / 192 / 10 | 0 | `c` | 80.0 / 45.00 | 0.9729 | "
+    assert table.splitlines()[2] == ("| lyra badpre x3 10% | 4x256 / 1600 / 192 / 10 | 0 | `c` | 80.0 / 45.00 | 0.9729 | "
                                      "0.0 / 0.0 / 44.25 | -0.75 | held |")
 
 
