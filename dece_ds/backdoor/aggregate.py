@@ -2,7 +2,8 @@
 trigger x payload grid, and alpha_base "auto" against CE setting by setting (``auto_rows``).
 
 Seeds. A *cell* is one data set / attack / trigger count / poison rate (``report.column_name``); results
-files of one cell with different fine-tuning seeds (``results["finetune_seed"]``; older files:
+files of one cell and one setting (stand-in size, rows, lengths, epochs: ``setting_key``) with different
+fine-tuning seeds (``results["finetune_seed"]``; older files:
 ``config.finetune_seed``, else ``config.seed``) are its seeds. Files of one cell and one seed are merged
 (split runs, ``--runs ce`` / ``--runs dece``). Per run spec and cell: mean ± sample standard deviation
 (n - 1) over seeds of BLEU, ASR and lift.
@@ -39,11 +40,20 @@ def cell_key(results: Mapping[str, Any]) -> str:
 
 
 def by_cell_and_seed(results_list: Sequence[Mapping[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
-    """``{cell: {seed: {spec: run}}}`` in first-seen order; later files of a cell and seed add their runs."""
-    cells: dict[str, dict[int, dict[str, Any]]] = {}
+    """``{cell: {seed: {spec: run}}}`` in first-seen order; later files of a cell and seed add their runs.
+
+    Files are grouped by their whole setting but the seed (``setting_key``: stand-in size, rows, lengths,
+    epochs too), so two settings of one attack never pool as seeds; the label is the cell alone unless two
+    groups share it, then the cell with the setting that tells them apart in parentheses."""
+    groups: dict[Setting, dict[int, dict[str, Any]]] = {}
     for r in results_list:
-        cells.setdefault(cell_key(r), {}).setdefault(finetune_seed(r), {}).update(r["runs"])
-    return cells
+        key = setting_key(r)._replace(seed=0)
+        groups.setdefault(key, {}).setdefault(finetune_seed(r), {}).update(r["runs"])
+    n_per_cell: dict[str, int] = {}
+    for key in groups:
+        n_per_cell[key.cell] = n_per_cell.get(key.cell, 0) + 1
+    return {(k.cell if n_per_cell[k.cell] == 1 else f"{k.cell} ({setting_label(k)})"): seeds
+            for k, seeds in groups.items()}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -194,12 +204,17 @@ class Setting(NamedTuple):
     seed: int            # fine-tuning seed
 
 
+def setting_label(key: Setting) -> str:
+    """``"4x256, 1600 rows, 96/192 tokens, 10 epochs"``: the setting without its cell and seed."""
+    return f"{key.stand_in}, {key.rows} rows, {key.max_src_tokens}/{key.max_len} tokens, {key.epochs} epochs"
+
+
 def setting_key(results: Mapping[str, Any]) -> Setting:
     cfg = results.get("config") or {}
     model, ft = cfg.get("model") or {}, cfg.get("finetune") or {}
     defaults = ModelSpec.model_fields
     stand_in = f"{model.get('n_layer', defaults['n_layer'].default)}x{model.get('n_embd', defaults['n_embd'].default)}"
-    return Setting(f"{results['dataset']} {column_name(results)}", stand_in, results.get("data", {}).get("finetune_rows"),
+    return Setting(cell_key(results), stand_in, results.get("data", {}).get("finetune_rows"),
                    model.get("max_len"), model.get("max_src_tokens"), ft.get("epochs"), finetune_seed(results))
 
 

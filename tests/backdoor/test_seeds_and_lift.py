@@ -101,6 +101,19 @@ def test_split_runs_of_one_seed_merge_and_cells_stay_apart():
     assert not has_several_seeds([ce_only, dece_only, other_rate]) and has_several_seeds(SEEDS)
 
 
+def test_two_settings_of_one_cell_never_pool_as_seeds():
+    small = [_results(0, {"ce": _final(45.0, 80.0)}), _results(1, {"ce": _final(46.0, 82.0)})]
+    big = [_results(0, {"ce": _final(48.0, 95.0)})]
+    for r in big:
+        r["config"]["model"] = {"n_layer": 6, "n_embd": 384, "max_len": 192, "max_src_tokens": 96}
+    cells = by_cell_and_seed(small + big)
+    assert list(cells) == ["lyra badpre x3 10% (4x256, None rows, None/None tokens, None epochs)",
+                           "lyra badpre x3 10% (6x384, None rows, 96/192 tokens, None epochs)"]
+    assert sorted(cells[list(cells)[0]]) == [0, 1] and list(cells[list(cells)[1]]) == [0]
+    assert "| 48.00 |" in seed_table(small + big)  # the 6x384 CE row: its own seed, not pooled with 45 and 46
+    assert list(by_cell_and_seed(small)) == ["lyra badpre x3 10%"]  # one setting: the cell alone, as before
+
+
 def test_report_lift_and_old_files_show_a_dash():
     old = _results(0, {"ce": _final(45.0, 80.0)})  # written before lift existed
     assert "lift" not in combined_table([old])  # an old table stays as it was
