@@ -223,8 +223,8 @@ def cell_provenance(args) -> dict:
     """When and how one cell was measured: its rows keep it when ``--update`` merges runs of several days."""
     prov = provenance()
     return {"date": prov.get("date"), "git_sha": prov.get("git_sha"), "dece_ds_dirty": prov.get("dece_ds_dirty"),
-            "load_average_1m": prov.get("load_average_1m"), "threads": args.threads, "repeats": args.repeats,
-            "warmup": args.warmup}
+            "cpu": prov.get("cpu"), "load_average_1m": prov.get("load_average_1m"), "threads": args.threads,
+            "repeats": args.repeats, "warmup": args.warmup}
 
 
 def previous_rows(out: Path) -> list[dict]:
@@ -237,7 +237,7 @@ def previous_rows(out: Path) -> list[dict]:
         raise SystemExit(f"--update: {out} has no 'rows' list; expected a bench_vs_torch.py results file")
     prov = data.get("provenance", {})
     earlier = {"date": prov.get("date"), "git_sha": prov.get("git_sha"), "dece_ds_dirty": prov.get("dece_ds_dirty"),
-               "load_average_1m": prov.get("load_average_1m"), "threads": data.get("threads"),
+               "cpu": prov.get("cpu"), "load_average_1m": prov.get("load_average_1m"), "threads": data.get("threads"),
                "repeats": data.get("repeats"), "warmup": data.get("warmup")}
     return [r if "measured" in r else {**r, "measured": earlier} for r in rows]
 

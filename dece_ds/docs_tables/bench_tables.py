@@ -143,15 +143,15 @@ def bench_vs_torch(root: Path, arg: str = "") -> str:
         data.get("provenance", {}), f"median of {data.get('repeats')} run(s) after {data.get('warmup')} warm-up, "
                                     f"{data.get('threads')} thread(s), {data.get('ignore_every') and 100 // data['ignore_every']} % "
                                     "ignored targets")
-    parts: dict[tuple, list[str]] = {}    # (git sha, threads, repeats) -> dates of its cells
+    parts: dict[tuple, list[str]] = {}    # (git sha, CPU, threads, repeats) -> dates of its cells
     for m in (r.get("measured") for r in data["rows"]):
         if m:
-            parts.setdefault((str(m.get("git_sha"))[:7], m.get("threads"), m.get("repeats")), []).append(
-                str(m.get("date"))[:10])
+            key = (str(m.get("git_sha"))[:7], m.get("cpu") or "CPU not recorded", m.get("threads"), m.get("repeats"))
+            parts.setdefault(key, []).append(str(m.get("date"))[:10])
     if len(parts) > 1:
         text += "\nCells measured in parts (`--update`): " + "; ".join(
-            f"git {sha}, {threads} thread(s), median of {rep}, {min(d)} to {max(d)}"
-            for (sha, threads, rep), d in parts.items()) + "."
+            f"git {sha}, {cpu}, {threads} thread(s), median of {rep}, {min(d)} to {max(d)}"
+            for (sha, cpu, threads, rep), d in parts.items()) + "."
     if data.get("missing"):
         text += "\nNot measured yet: " + ", ".join(f"{d} N {n} H {h} V {v}" for d, n, h, v in data["missing"]) + "."
     return text

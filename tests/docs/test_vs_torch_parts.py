@@ -12,9 +12,11 @@ from dece_ds.docs_tables.bench_tables import bench_vs_torch as table
 METHODS = list(bench.methods())
 
 
-def rows(dtype, n, h, v, ms, sha="aaaaaaa"):
+def rows(dtype, n, h, v, ms, sha="aaaaaaa", cpu=None):
     measured = {"date": "2026-12-03T10:00:00+0000", "git_sha": sha, "threads": 2, "repeats": 1,
                 "load_average_1m": 2.0}
+    if cpu is not None:
+        measured["cpu"] = cpu
     return [{"dtype": dtype, "N": n, "H": h, "V": v, "method": m, "time_ms": ms, "peak_extra_mib": 100.0,
              "measured": measured} for m in METHODS]
 
@@ -53,11 +55,12 @@ def test_previous_rows_keep_the_file_provenance_and_a_missing_file_is_none(tmp_p
     out = tmp_path / "vs_torch.json"
     assert bench.previous_rows(out) == []
     old = [{k: v for k, v in r.items() if k != "measured"} for r in rows("float32", 4096, 1024, 32000, 1.0)]
-    out.write_text(json.dumps({"provenance": {"git_sha": "ccccccc", "date": "2026-12-02T00:00:00+0000"},
+    out.write_text(json.dumps({"provenance": {"git_sha": "ccccccc", "date": "2026-12-02T00:00:00+0000", "cpu": "Xeon"},
                                "threads": 1, "repeats": 2, "warmup": 1, "rows": old}))
     back = bench.previous_rows(out)
     assert {r["measured"]["git_sha"] for r in back} == {"ccccccc"}
     assert {r["measured"]["threads"] for r in back} == {1}
+    assert {r["measured"]["cpu"] for r in back} == {"Xeon"}  # the file's CPU, which measured every row of it
 
 
 def test_the_table_names_the_parts_and_the_missing_cells(tmp_path):
@@ -65,9 +68,11 @@ def test_the_table_names_the_parts_and_the_missing_cells(tmp_path):
     results.mkdir(parents=True)
     data = {"provenance": {"git_sha": "bbbbbbb"}, "repeats": 1, "warmup": 1, "threads": 2, "ignore_every": 10,
             "goal": {"time_vs_torch_max": 0.75, "mem_vs_torch_max": 1.0},
-            "rows": rows("float32", 4096, 1024, 32000, 1.0) + rows("float32", 8192, 1024, 32000, 2.0, sha="bbbbbbb"),
+            "rows": rows("float32", 4096, 1024, 32000, 1.0)
+            + rows("float32", 8192, 1024, 32000, 2.0, sha="bbbbbbb", cpu="AMD EPYC"),
             "missing": [["bfloat16", 4096, 1024, 32000]]}
     (results / "parts.json").write_text(json.dumps(data))
     text = table(tmp_path, "parts")
-    assert "Cells measured in parts (`--update`): git aaaaaaa" in text and "git bbbbbbb" in text
+    assert "Cells measured in parts (`--update`): git aaaaaaa, CPU not recorded, 2 thread(s)" in text
+    assert "git bbbbbbb, AMD EPYC, 2 thread(s)" in text
     assert text.rstrip().endswith("Not measured yet: bfloat16 N 4096 H 1024 V 32000.")
