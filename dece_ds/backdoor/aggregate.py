@@ -204,6 +204,15 @@ class Setting(NamedTuple):
     seed: int            # fine-tuning seed
 
 
+def stand_in_name(model: Mapping[str, Any]) -> str:
+    """A results file's ``config.model`` as ``"<layers>x<width>"`` (``ModelSpec``'s defaults for keys it lacks),
+    or ``"checkpoint <folder name>"`` when it fine-tuned a local checkpoint."""
+    if model.get("checkpoint"):
+        return f"checkpoint {str(model['checkpoint']).rstrip('/').rsplit('/', 1)[-1]}"
+    defaults = ModelSpec.model_fields
+    return f"{model.get('n_layer', defaults['n_layer'].default)}x{model.get('n_embd', defaults['n_embd'].default)}"
+
+
 def setting_label(key: Setting) -> str:
     """``"4x256, 1600 rows, 96/192 tokens, 10 epochs"``: the setting without its cell and seed."""
     return f"{key.stand_in}, {key.rows} rows, {key.max_src_tokens}/{key.max_len} tokens, {key.epochs} epochs"
@@ -212,9 +221,7 @@ def setting_label(key: Setting) -> str:
 def setting_key(results: Mapping[str, Any]) -> Setting:
     cfg = results.get("config") or {}
     model, ft = cfg.get("model") or {}, cfg.get("finetune") or {}
-    defaults = ModelSpec.model_fields
-    stand_in = f"{model.get('n_layer', defaults['n_layer'].default)}x{model.get('n_embd', defaults['n_embd'].default)}"
-    return Setting(cell_key(results), stand_in, results.get("data", {}).get("finetune_rows"),
+    return Setting(cell_key(results), stand_in_name(model), results.get("data", {}).get("finetune_rows"),
                    model.get("max_len"), model.get("max_src_tokens"), ft.get("epochs"), finetune_seed(results))
 
 
@@ -241,8 +248,9 @@ def auto_rows(named: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict[str, 
                 call = f"no call (CE below {AUTO_CE_ASR_FLOOR:g} %)"
             else:
                 call = "held" if final["asr"] <= AUTO_HELD_ASR else "learned"
-            rows.append({"cell": key.cell, "stand_in": key.stand_in, "rows": key.rows, "max_len": key.max_len, "epochs": key.epochs,
-                         "seed": key.seed, "stems": stems[key], "ce_asr": None if ce is None else ce.get("asr"),
+            rows.append({"cell": key.cell, "stand_in": key.stand_in, "rows": key.rows, "max_len": key.max_len,
+                         "epochs": key.epochs, "seed": key.seed, "stems": stems[key],
+                         "ce_asr": None if ce is None else ce.get("asr"),
                          "ce_bleu": None if ce is None else ce.get("bleu"),
                          "alpha_base": run["alpha_auto"]["alpha_base"], "asr": final["asr"],
                          "lift": final.get("lift"), "bleu": final["bleu"],

@@ -55,6 +55,12 @@ def test_files_of_one_setting_pair_and_others_stay_apart():
     assert big["stand_in"] == "6x384" and big["gap"] == pytest.approx(-1.0) and big["call"] == "held"
 
 
+def test_stand_in_names():
+    from dece_ds.backdoor.aggregate import stand_in_name
+    assert stand_in_name({}) == "4x256" and stand_in_name({"n_layer": 8, "n_embd": 512}) == "8x512"
+    assert stand_in_name({"n_layer": 4, "checkpoint": "/models/codegen-350M/"}) == "checkpoint codegen-350M"
+
+
 def test_the_held_line_is_two_percent_inclusive():
     named = [("x", _file(runs={"ce": _run(45.0, 30.0), AUTO: _run(44.0, 2.0, 0.97)}))]
     assert auto_rows(named)[0]["call"] == "held"
