@@ -219,12 +219,16 @@ def main(argv=None) -> int:
     return 0
 
 
+def _measured(prov: dict, threads, repeats, warmup) -> dict:
+    """A row's ``"measured"``: when, on what and how, from a ``provenance()`` dict and the timing options."""
+    return {"date": prov.get("date"), "git_sha": prov.get("git_sha"), "dece_ds_dirty": prov.get("dece_ds_dirty"),
+            "cpu": prov.get("cpu"), "load_average_1m": prov.get("load_average_1m"), "threads": threads,
+            "repeats": repeats, "warmup": warmup}
+
+
 def cell_provenance(args) -> dict:
     """When and how one cell was measured: its rows keep it when ``--update`` merges runs of several days."""
-    prov = provenance()
-    return {"date": prov.get("date"), "git_sha": prov.get("git_sha"), "dece_ds_dirty": prov.get("dece_ds_dirty"),
-            "cpu": prov.get("cpu"), "load_average_1m": prov.get("load_average_1m"), "threads": args.threads,
-            "repeats": args.repeats, "warmup": args.warmup}
+    return _measured(provenance(), args.threads, args.repeats, args.warmup)
 
 
 def previous_rows(out: Path) -> list[dict]:
@@ -235,10 +239,7 @@ def previous_rows(out: Path) -> list[dict]:
     rows = data.get("rows")
     if not isinstance(rows, list):
         raise SystemExit(f"--update: {out} has no 'rows' list; expected a bench_vs_torch.py results file")
-    prov = data.get("provenance", {})
-    earlier = {"date": prov.get("date"), "git_sha": prov.get("git_sha"), "dece_ds_dirty": prov.get("dece_ds_dirty"),
-               "cpu": prov.get("cpu"), "load_average_1m": prov.get("load_average_1m"), "threads": data.get("threads"),
-               "repeats": data.get("repeats"), "warmup": data.get("warmup")}
+    earlier = _measured(data.get("provenance", {}), data.get("threads"), data.get("repeats"), data.get("warmup"))
     return [r if "measured" in r else {**r, "measured": earlier} for r in rows]
 
 

@@ -19,6 +19,8 @@ paired seeds there is no spread and no call. The table also gives the paired sta
 from __future__ import annotations
 
 import math
+from collections import Counter
+from pathlib import PurePath
 from typing import Any, Mapping, NamedTuple, Sequence
 
 from .report import MISSING, auto_alpha_note, column_name, run_label
@@ -49,9 +51,7 @@ def by_cell_and_seed(results_list: Sequence[Mapping[str, Any]]) -> dict[str, dic
     for r in results_list:
         key = setting_key(r)._replace(seed=0)
         groups.setdefault(key, {}).setdefault(finetune_seed(r), {}).update(r["runs"])
-    n_per_cell: dict[str, int] = {}
-    for key in groups:
-        n_per_cell[key.cell] = n_per_cell.get(key.cell, 0) + 1
+    n_per_cell = Counter(key.cell for key in groups)
     return {(k.cell if n_per_cell[k.cell] == 1 else f"{k.cell} ({setting_label(k)})"): seeds
             for k, seeds in groups.items()}
 
@@ -208,7 +208,7 @@ def stand_in_name(model: Mapping[str, Any]) -> str:
     """A results file's ``config.model`` as ``"<layers>x<width>"`` (``ModelSpec``'s defaults for keys it lacks),
     or ``"checkpoint <folder name>"`` when it fine-tuned a local checkpoint."""
     if model.get("checkpoint"):
-        return f"checkpoint {str(model['checkpoint']).rstrip('/').rsplit('/', 1)[-1]}"
+        return f"checkpoint {PurePath(model['checkpoint']).name}"
     defaults = ModelSpec.model_fields
     return f"{model.get('n_layer', defaults['n_layer'].default)}x{model.get('n_embd', defaults['n_embd'].default)}"
 

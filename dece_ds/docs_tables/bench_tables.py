@@ -146,7 +146,8 @@ def bench_vs_torch(root: Path, arg: str = "") -> str:
     parts: dict[tuple, list[str]] = {}    # (git sha, CPU, threads, repeats) -> dates of its cells
     for m in (r.get("measured") for r in data["rows"]):
         if m:
-            key = (str(m.get("git_sha"))[:7], m.get("cpu") or "CPU not recorded", m.get("threads"), m.get("repeats"))
+            cpu = m.get("cpu") or "CPU not recorded"
+            key = (str(m.get("git_sha"))[:7], cpu, m.get("threads"), m.get("repeats"))
             parts.setdefault(key, []).append(str(m.get("date"))[:10])
     if len(parts) > 1:
         text += "\nCells measured in parts (`--update`): " + "; ".join(
