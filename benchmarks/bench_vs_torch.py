@@ -42,6 +42,7 @@ from benchmarks.common import (REPO, ensure_mmap_threshold, print_table, provena
                                run_isolated, write_json)
 from dece_ds import fused_linear_dece  # noqa: E402
 from dece_ds.ops import chunk_budget  # noqa: E402
+from dece_ds.ops.matmul_dtype import matmul_dtype  # noqa: E402
 
 ALPHA, EPS = 0.99, 0.05
 TORCH = "torch chunked linear_cross_entropy"
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
                                 res["note"] = res.pop("error")
                         cell.append({"dtype": dtype_name, "N": n, "H": h_dim, "V": v, "method": name, **res})
                     add_ratios(cell)
-                    measured = cell_provenance(args)
+                    measured = cell_provenance(args, device)
                     for r in cell:
                         r["measured"] = measured
                     rows += cell
@@ -226,9 +227,12 @@ def _measured(prov: dict, threads, repeats, warmup) -> dict:
             "repeats": repeats, "warmup": warmup}
 
 
-def cell_provenance(args) -> dict:
-    """When and how one cell was measured: its rows keep it when ``--update`` merges runs of several days."""
-    return _measured(provenance(), args.threads, args.repeats, args.warmup)
+def cell_provenance(args, device: torch.device) -> dict:
+    """When and how one cell was measured: its rows keep it when ``--update`` merges runs of several days.
+    ``native_bf16_matmul``: whether this machine multiplies bf16 natively (else ``fused_linear_dece`` multiplies
+    fp32 copies of bf16 inputs, as torch's chunked path does on every CPU: ``dece_ds.ops.matmul_dtype``)."""
+    native = matmul_dtype(device, torch.bfloat16) == torch.bfloat16
+    return {**_measured(provenance(), args.threads, args.repeats, args.warmup), "native_bf16_matmul": native}
 
 
 def previous_rows(out: Path) -> list[dict]:

@@ -147,6 +147,8 @@ def bench_vs_torch(root: Path, arg: str = "") -> str:
     for m in (r.get("measured") for r in data["rows"]):
         if m:
             cpu = m.get("cpu") or "CPU not recorded"
+            if m.get("native_bf16_matmul") is False:
+                cpu += " (no native bf16 matmul: fused_linear_dece multiplies bf16 in fp32)"
             key = (str(m.get("git_sha"))[:7], cpu, m.get("threads"), m.get("repeats"))
             parts.setdefault(key, []).append(str(m.get("date"))[:10])
     if len(parts) > 1:

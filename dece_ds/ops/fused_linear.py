@@ -12,6 +12,9 @@ into ``grad_hidden_c = dz @ weight`` and ``grad_weight += dz.T @ hidden_c`` (an 
 also for bf16 weights). Nothing of size ``N x V`` is ever allocated; extra memory is the fp32 weight
 gradient, ``grad_hidden`` and a few ``[chunk, V_shard]`` scratch buffers.
 
+The matmuls run in the inputs' dtype, except bf16 / fp16 on a CPU that only emulates it
+(``matmul_dtype``): there on fp32 copies of ``hidden`` and ``weight``, made once per call.
+
 For ``mean``/``sum`` the gradients are finished in the forward (backward only scales them, with the
 same single-buffer rules as the unfused loss: ``dece.saved_gradients``). For ``none`` the forward
 computes losses only and the backward recomputes the chunks with each row's upstream gradient.
@@ -41,6 +44,7 @@ from .chunk_budget import vocab_block
 from .chunk_budget import weight_grad_walk as weight_grad_walk_for
 from .chunk_driver import RowStats, block_gradient, one_visit
 from .collectives import VocabShard, group_size
+from .matmul_dtype import matmul_inputs
 from .dece import (_row_scale, check_log_p_out, debug_check_same_inputs, debug_enabled, flat_targets, make_constants,
                    refuse_double_backward, saved_gradients)
 from .shard_math import DeceConstants, WorkBuffers, compute_dtype
@@ -54,8 +58,10 @@ def default_fused_chunk_rows(n_rows: int, v_shard: int, device: torch.device | N
 
 def _fused_pass(hidden, weight, bias, target_local, valid, k: DeceConstants, shard: VocabShard, group,
                 row_coef, chunk_rows: int, want_loss: bool, log_p_out: torch.Tensor | None = None,
-                walk: str = "rows", block: tuple[int, int] | None = None):
+                walk: str = "rows", block: tuple[int, int] | None = None, grad_w_dtype: torch.dtype | None = None):
     """One walk over the chunks. ``row_coef`` ``[N]`` (None: loss only) -> (per_token, g_h, g_w, g_b).
+    ``hidden``, ``weight`` and ``bias`` come in the matmul dtype (``matmul_dtype.matmul_inputs``); the vocabulary
+    walk writes the weight gradient in ``grad_w_dtype`` (default: the weight's).
 
     ``walk="rows"``: each chunk's gradient goes into ``grad_hidden`` and adds into the whole fp32 weight
     gradient. ``walk="vocab"``: the row chunks give the loss and each row's ``RowStats`` only; then a second
@@ -103,27 +109,29 @@ def _fused_pass(hidden, weight, bias, target_local, valid, k: DeceConstants, sha
         del work
         row_stats = RowStats(*(torch.cat(t) for t in zip(*((s.shift, s.log_norm, s.w_total) for s in stats))))
         grad_w = vocab_walk(hidden, weight, bias, target_local, row_stats, row_coef, k, v_real, block, grad_h,
-                            grad_b)
+                            grad_b, grad_w_dtype or weight.dtype)
     if want_grads and world > 1:
         dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=group)
     return per_token, grad_h, grad_w, grad_b
 
 
 def vocab_walk(hidden, weight, bias, target_local, stats: RowStats, row_coef, k: DeceConstants, v_real: int,
-               block: tuple[int, int], grad_h: torch.Tensor, grad_b: torch.Tensor | None) -> torch.Tensor:
+               block: tuple[int, int], grad_h: torch.Tensor, grad_b: torch.Tensor | None,
+               grad_dtype: torch.dtype) -> torch.Tensor:
     """The gradients block by block of ``block[1]`` vocabulary columns -> the weight gradient ``[V_shard, H]`` in
-    the weight's dtype. Per block, ``block[0]`` rows at a time: the logits ``hidden_r @ weight_b.T``, their
-    gradient ``dz`` from the rows' global ``stats`` (``chunk_driver.block_gradient``, no collective),
-    ``grad_h[rows] += dz @ weight_b`` (``grad_h`` fp32 ``[N, H]``, added into) and ``grad_weight_b = dz.T @
-    hidden``, written once. With every row in one tile a bf16 / fp16 ``dz`` is rounded once into the inputs'
-    dtype for both matmuls (as the rows walk does for ``grad_hidden``); with several row tiles the weight
-    gradient is summed in fp32 first. ``grad_b`` (fp32, or None) receives the bias gradient."""
+    ``grad_dtype`` (the weight's own, also when the matmuls run on fp32 copies: ``matmul_dtype``). Per block,
+    ``block[0]`` rows at a time: the logits ``hidden_r @ weight_b.T``, their gradient ``dz`` from the rows'
+    global ``stats`` (``chunk_driver.block_gradient``, no collective), ``grad_h[rows] += dz @ weight_b``
+    (``grad_h`` fp32 ``[N, H]``, added into) and ``grad_weight_b = dz.T @ hidden``, written once. With every row
+    in one tile a bf16 / fp16 ``dz`` is rounded once into the inputs' dtype for both matmuls (as the rows walk
+    does for ``grad_hidden``); with several row tiles, or a ``grad_dtype`` other than the matmuls', the block
+    is summed in fp32 first. ``grad_b`` (fp32, or None) receives the bias gradient."""
     n_rows, dtype = hidden.shape[0], compute_dtype(hidden.dtype)
     tile_rows, cols = block
-    grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=hidden.device)
-    one_tile = tile_rows >= n_rows
+    grad_w = torch.zeros(weight.shape, dtype=grad_dtype, device=hidden.device)
+    direct = tile_rows >= n_rows and grad_dtype == weight.dtype   # else summed in an fp32 block first
     low = dtype != hidden.dtype
-    acc = None if one_tile else torch.empty(min(cols, v_real), hidden.shape[1], dtype=dtype, device=hidden.device)
+    acc = None if direct else torch.empty(min(cols, v_real), hidden.shape[1], dtype=dtype, device=hidden.device)
     hidden_acc = hidden if acc is None or not low else hidden.to(dtype)   # cast once, not per block and tile
     work, g_low = None, None
     for v0 in range(0, v_real, cols):
@@ -183,9 +191,11 @@ class FusedLinearDeceFunction(torch.autograd.Function):
         row_scale, divisor = _row_scale(valid, reduction, num_items_in_batch, dtype)
         need_grad = any(ctx.needs_input_grad[:3])
         grads_now = need_grad and reduction != "none"
-        per_token, g_h, g_w, g_b = _fused_pass(hidden, weight, bias, target_local, valid, k, shard, group,
+        hidden_mm, weight_mm, bias_mm = matmul_inputs(hidden, weight, bias)
+        per_token, g_h, g_w, g_b = _fused_pass(hidden_mm, weight_mm, bias_mm, target_local, valid, k, shard, group,
                                                row_scale * k.alpha if grads_now else None, chunk_rows, True,
-                                               log_p_out, walk, block)
+                                               log_p_out, walk, block, weight.dtype)
+        del hidden_mm, weight_mm, bias_mm
         ctx.reduction = reduction
         ctx.params = (weight, bias)  # ZeRO-3: re-gathered in backward if partitioned again by then
         ctx.meta = (k, shard, group, chunk_rows, walk, block)
@@ -206,8 +216,9 @@ class FusedLinearDeceFunction(torch.autograd.Function):
             refuse_double_backward()
             hidden, weight, bias, target_local, valid = ctx.saved_tensors
             coef = grad_output.reshape(-1).to(compute_dtype(hidden.dtype)) * valid * k.alpha
-            _, g_h, g_w, g_b = _fused_pass(hidden, weight, bias, target_local, valid, k, shard, group,
-                                           coef, chunk_rows, False, walk=walk, block=block)
+            hidden_mm, weight_mm, bias_mm = matmul_inputs(hidden, weight, bias)
+            _, g_h, g_w, g_b = _fused_pass(hidden_mm, weight_mm, bias_mm, target_local, valid, k, shard, group,
+                                           coef, chunk_rows, False, walk=walk, block=block, grad_w_dtype=weight.dtype)
         else:
             g_h, g_w, g_b = saved_gradients(ctx, grad_output, ctx.reduction)
         for param in ctx.params:
