@@ -23,6 +23,11 @@ V=151936 in fp32 holds ~5 GB of logits and several more of softmax and gradients
 Run time, measured on a quiet 2-core Xeon (AMX) with ``--threads 2 --repeats 1``: the N = 4096 half of the
 grid (8 cells, 5 methods) took 40 minutes; N = 8192 doubles every matmul and chunk count, so about 80 more.
 Measure it in parts with ``--update`` (``--n 8192 --update`` keeps the N = 4096 cells of the file).
+
+bf16 on a CPU without native bf16 matmuls (AVX2 only): ``fused_linear_dece`` multiplies fp32 copies of its
+inputs there (``dece_ds.ops.matmul_dtype``; torch's chunked path does so on every CPU), while
+``lm_head+F.cross_entropy`` and the three matmuls run emulated bf16 matmuls (minutes per run at N = 8192):
+leave them out with ``--methods``. Each row's ``measured.native_bf16_matmul`` says which machine it was.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ def _rss_kib() -> int:
 
 
 def run_isolated(make_inputs, step, reps: int, warmup: int = 1) -> dict:  # noqa: C901
-    """Fork, build inputs, run ``step(*inputs)`` ``warmup + reps`` times; median seconds and peak extra MiB.
+    """Fork, build inputs, run ``step(*inputs)`` ``warmup + reps`` times -> ``time_ms`` (the median), ``runs_ms``
+    (each timed run) and ``peak_extra_mib``.
 
     ``make_inputs() -> tuple``; ``step(*inputs)`` runs one forward+backward.
     """
@@ -60,7 +61,7 @@ def run_isolated(make_inputs, step, reps: int, warmup: int = 1) -> dict:  # noqa
             torch.cuda.synchronize()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
-        return {"time_ms": 1e3 * statistics.median(times),
+        return {"time_ms": 1e3 * statistics.median(times), "runs_ms": [1e3 * t for t in times],
                 "peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20}
 
     read_fd, write_fd = os.pipe()
@@ -79,7 +80,8 @@ def run_isolated(make_inputs, step, reps: int, warmup: int = 1) -> dict:  # noqa
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            result = {"time_ms": 1e3 * statistics.median(times), "peak_extra_mib": (peak - base) / 1024}
+            result = {"time_ms": 1e3 * statistics.median(times), "runs_ms": [1e3 * t for t in times],
+                      "peak_extra_mib": (peak - base) / 1024}
         except Exception as e:  # noqa: BLE001 - reported in the table
             result = {"error": f"{type(e).__name__}: {e}"}
         os.write(write_fd, json.dumps(result).encode())

@@ -144,10 +144,11 @@ def bench_vs_torch(root: Path, arg: str = "") -> str:
                                     f"{data.get('threads')} thread(s), {data.get('ignore_every') and 100 // data['ignore_every']} % "
                                     "ignored targets")
     parts: dict[tuple, list[str]] = {}    # (git sha, CPU, threads, repeats) -> dates of its cells
-    for m in (r.get("measured") for r in data["rows"]):
+    for r in data["rows"]:
+        m = r.get("measured")
         if m:
             cpu = m.get("cpu") or "CPU not recorded"
-            if m.get("native_bf16_matmul") is False:
+            if m.get("native_bf16_matmul") is False and r["dtype"] != "float32":
                 cpu += " (no native bf16 matmul: fused_linear_dece multiplies bf16 in fp32)"
             key = (str(m.get("git_sha"))[:7], cpu, m.get("threads"), m.get("repeats"))
             parts.setdefault(key, []).append(str(m.get("date"))[:10])

@@ -1,7 +1,7 @@
 """The dtype the fused loss multiplies its matrices in: the inputs' own, unless the CPU only emulates it.
 
 bf16 / fp16 matmuls on a CPU without native support (no AVX512-BF16 or AMX for bf16, no AMX-FP16 for fp16;
-an AVX2-only EPYC, say) run emulated, 8-20x slower than fp32 ones of the same shape (on a 2-core AVX2 EPYC:
+an AVX2-only EPYC, say) run emulated, 8-21x slower than fp32 ones of the same shape (on a 2-core AVX2 EPYC:
 4096 x 1024 @ 1024 x 32000 takes 13.1 s in bf16 against 1.6 s in fp32). There the fused loss casts
 ``hidden`` and ``weight`` to fp32 once per call and multiplies in fp32, as torch's own chunked
 ``F.linear_cross_entropy`` does on every CPU (its "accurate" policy). The products of bf16 / fp16 values are
