@@ -66,9 +66,13 @@ def has_torch_chunked() -> bool:
 WALKS = {"fused_linear_dece(rows walk)": "rows", "fused_linear_dece(vocab walk)": "vocab"}
 
 
-def methods(walks: bool = False) -> dict:
+COMPILED = "fused_linear_dece(compile)"
+
+
+def methods(walks: bool = False, compiled: bool = False) -> dict:
     """name -> fn(hidden [N, H], weight [V, H], target [N]) -> scalar loss (mean over non-ignored targets).
-    ``walks``: also ``fused_linear_dece`` with each weight-gradient walk forced (its default picks one)."""
+    ``walks``: also ``fused_linear_dece`` with each weight-gradient walk forced (its default picks one);
+    ``compiled``: also ``fused_linear_dece(..., backend="compile")`` (the chunk stages as compiled kernels)."""
     out = {}
     if has_torch_chunked():
         options = torch.nn.LinearCrossEntropyOptions()
@@ -82,6 +86,8 @@ def methods(walks: bool = False) -> dict:
         for name, walk in WALKS.items():
             out[name] = (lambda wk: lambda h, w, t: fused_linear_dece(h, w, t, alpha=ALPHA, label_smoothing=EPS,
                                                                       weight_grad_walk=wk))(walk)
+    if compiled:
+        out[COMPILED] = lambda h, w, t: fused_linear_dece(h, w, t, alpha=ALPHA, label_smoothing=EPS, backend="compile")
     return out
 
 
@@ -142,7 +148,7 @@ def add_ratios(cell_rows: list[dict]) -> None:
             continue
         r["time_vs_torch"] = r["time_ms"] / base["time_ms"]
         r["mem_vs_torch"] = r["peak_extra_mib"] / max(base["peak_extra_mib"], 1e-9)
-        if r["method"] in OURS or r["method"] in WALKS:
+        if r["method"] in OURS or r["method"] in WALKS or r["method"] == COMPILED:
             r["goal_time"] = "yes" if r["time_vs_torch"] <= GOAL_TIME else "no"
             r["goal_mem"] = "yes" if r["mem_vs_torch"] <= GOAL_MEM else "no"
 
@@ -165,6 +171,8 @@ def main(argv=None) -> int:
                     help="skip a method whose estimated footprint exceeds this (host RAM on CPU)")
     ap.add_argument("--walks", action="store_true",
                     help="also fused_linear_dece with each weight-gradient walk forced (rows / vocab)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also fused_linear_dece with backend='compile' (its warm-up run compiles the kernels)")
     ap.add_argument("--methods", nargs="+", metavar="NAME",
                     help="measure only these methods (names as in the table; default: all)")
     ap.add_argument("--out", type=Path, default=None)
@@ -174,9 +182,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.h, args.v = QUICK["n"], QUICK["h"], QUICK["v"]
-    unknown = set(args.methods or []) - set(methods(args.walks))
+    unknown = set(args.methods or []) - set(methods(args.walks, args.compile))
     if unknown:
-        ap.error(f"--methods: unknown {sorted(unknown)}; expected names from {sorted(methods(True))}")
+        ap.error(f"--methods: unknown {sorted(unknown)}; expected names from {sorted(methods(True, True))}")
     for flag in ("repeats", "threads"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag}: expected a positive int, got {getattr(args, flag)}")
@@ -198,7 +206,7 @@ def main(argv=None) -> int:
             for h_dim in args.h:
                 for v in args.v:
                     cell = []
-                    for name, fn in methods(args.walks).items():
+                    for name, fn in methods(args.walks, args.compile).items():
                         if args.methods and name not in args.methods:
                             continue
                         est = estimated_total_gib(name, n, h_dim, v, dtype)
@@ -261,7 +269,7 @@ def merge_rows(kept: list[dict], new: list[dict]) -> list[dict]:
     V, method). The ratios of every cell are formed again (a method measured now against torch's row of an
     earlier run when only some methods were measured: each row says when)."""
     again = {(_cell(r), r["method"]) for r in new}
-    order = {name: i for i, name in enumerate(methods(walks=True))}
+    order = {name: i for i, name in enumerate(methods(walks=True, compiled=True))}
     dtypes = {"float32": 0, "bfloat16": 1}
     merged = [r for r in kept if (_cell(r), r["method"]) not in again] + new
     merged = sorted(merged, key=lambda r: (dtypes.get(r["dtype"], 9), r["N"], r["H"], r["V"],

@@ -119,7 +119,8 @@ VS_TORCH_METHODS = {"torch chunked linear_cross_entropy": "torch chunked `linear
                     "lm_head+F.cross_entropy": "`lm_head` + `F.cross_entropy` (CE)",
                     "three matmuls alone": "the three matmuls alone (a floor)",
                     "fused_linear_dece(rows walk)": "`fused_linear_dece` (α 0.99), rows walk forced",
-                    "fused_linear_dece(vocab walk)": "`fused_linear_dece` (α 0.99), vocabulary walk forced"}
+                    "fused_linear_dece(vocab walk)": "`fused_linear_dece` (α 0.99), vocabulary walk forced",
+                    "fused_linear_dece(compile)": "`fused_linear_dece` (α 0.99), `backend=\"compile\"`"}
 
 
 def bench_vs_torch(root: Path, arg: str = "") -> str:

@@ -76,3 +76,27 @@ def test_the_table_names_the_parts_and_the_missing_cells(tmp_path):
     assert "Cells measured in parts (`--update`): git aaaaaaa, CPU not recorded, 2 thread(s)" in text
     assert "git bbbbbbb, AMD EPYC, 2 thread(s)" in text
     assert text.rstrip().endswith("Not measured yet: bfloat16 N 4096 H 1024 V 32000.")
+
+
+def test_the_table_says_where_bf16_was_multiplied_in_fp32(tmp_path):
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    emulated = [{**r, "measured": {**r["measured"], "native_bf16_matmul": False}}
+                for r in rows("bfloat16", 8192, 1024, 32000, 2.0, sha="bbbbbbb", cpu="AMD EPYC")
+                + rows("float32", 8192, 1024, 32000, 2.0, sha="bbbbbbb", cpu="AMD EPYC")]
+    data = {"provenance": {"git_sha": "bbbbbbb"}, "repeats": 1, "warmup": 1, "threads": 2, "ignore_every": 10,
+            "goal": {"time_vs_torch_max": 0.75, "mem_vs_torch_max": 1.0},
+            "rows": rows("bfloat16", 4096, 1024, 32000, 1.0, cpu="Xeon") + emulated}
+    (results / "parts.json").write_text(json.dumps(data))
+    text = table(tmp_path, "parts")
+    note = "AMD EPYC (no native bf16 matmul: fused_linear_dece multiplies bf16 in fp32)"
+    assert text.count(note) == 1          # the bf16 rows of that machine; its fp32 rows are a part of their own
+    assert "git bbbbbbb, AMD EPYC, 2 thread(s)" in text and "git aaaaaaa, Xeon, 2 thread(s)" in text
+
+
+def test_the_compiled_method_is_named_and_judged_against_the_goal():
+    assert bench.COMPILED in bench.methods(compiled=True) and bench.COMPILED not in bench.methods()
+    cell = rows("float32", 4096, 1024, 32000, 10.0)
+    cell.append({**cell[-1], "method": bench.COMPILED, "time_ms": 7.0})
+    bench.add_ratios(cell)
+    assert cell[-1]["time_vs_torch"] == 0.7 and cell[-1]["goal_time"] == "yes"
