@@ -44,9 +44,9 @@ from .chunk_budget import vocab_block
 from .chunk_budget import weight_grad_walk as weight_grad_walk_for
 from .chunk_driver import RowStats, block_gradient, one_visit
 from .collectives import VocabShard, group_size
-from .matmul_dtype import matmul_inputs
 from .dece import (_row_scale, check_log_p_out, debug_check_same_inputs, debug_enabled, flat_targets, make_constants,
                    refuse_double_backward, saved_gradients)
+from .matmul_dtype import matmul_inputs
 from .shard_math import DeceConstants, WorkBuffers, compute_dtype
 from .vocab_parallel import resolve_shard
 
