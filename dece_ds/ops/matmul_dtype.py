@@ -13,6 +13,8 @@ GPUs, and CPUs with native bf16 / fp16 matmuls, keep the inputs' dtype.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _LOW = (torch.bfloat16, torch.float16)
@@ -21,8 +23,9 @@ _NATIVE_PROBES = {torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_su
                   torch.float16: ("_is_amx_fp16_supported",)}
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_has_native_matmul(dtype: torch.dtype) -> bool:
-    """Whether this CPU multiplies ``dtype`` matrices in hardware (fp32 / fp64: always)."""
+    """Whether this CPU multiplies ``dtype`` matrices in hardware (fp32 / fp64: always); asked once per dtype."""
     if dtype not in _LOW:
         return True
     for probe in _NATIVE_PROBES[dtype]:
