@@ -85,7 +85,8 @@ class DeceConfig(BaseModel):
     chunk_budget_mib: float | None = Field(
         None, gt=0.0, allow_inf_nan=False,
         description="MiB of [chunk, V] scratch that set the tokens per chunk (dece_ds.ops.chunk_budget); None: 16 "
-                    "unfused, 128 fused (bounded independently of V). chunk_size wins when set.")
+                    "unfused, 128 fused (its logits; visits of the chunk add at most 16), bounded independently of "
+                    "V. chunk_size wins when set.")
     z_loss: float = Field(
         0.0, ge=0.0, allow_inf_nan=False,
         description="PaLM z-loss: z_loss * lse^2 per token added to the loss (lse = log-sum-exp of the logits), "

@@ -7,10 +7,13 @@
     ->      loss          fp32 scalar (mean / sum) or [N] (none)
 
 Tokens are walked in chunks of ``chunk_size`` rows. Per chunk: ``z = hidden_c @ weight.T`` ``[c,
-V_shard]``, the same per-shard math as every other path (``shard_math``), then ``dz`` goes straight
-into ``grad_hidden_c = dz @ weight`` and ``grad_weight += dz.T @ hidden_c`` (an fp32 accumulator,
-also for bf16 weights). Nothing of size ``N x V`` is ever allocated; extra memory is the fp32 weight
-gradient, ``grad_hidden`` and a few ``[chunk, V_shard]`` scratch buffers.
+V_shard]`` into one reused buffer, the same per-shard math as every other path (``shard_math``) in visits of
+a few rows (cache-sized scratch, ``chunk_budget.visit_rows``), each writing its ``dz`` over its logits; then
+``dz`` goes straight into ``grad_hidden_c = dz @ weight`` and ``grad_weight += dz.T @ hidden_c`` (an fp32
+accumulator, also for bf16 weights). Long chunks keep these matmuls efficient, short visits keep the
+elementwise passes in cache. Nothing of size ``N x V`` is ever allocated; extra memory is the fp32 weight
+gradient, ``grad_hidden``, the ``[chunk, V_shard]`` logits buffer (+ an fp32 gradient buffer for bf16 / fp16
+logits) and one visit's scratch.
 
 The matmuls run in the inputs' dtype, except bf16 / fp16 on a CPU that only emulates it
 (``matmul_dtype``): there on fp32 copies of ``hidden`` and ``weight``, made once per call.
@@ -40,7 +43,7 @@ import torch.distributed as dist
 
 from .checks import check_float_tensor, check_logit_options, check_loss_args, check_target
 from .chunk_budget import chunk_rows as chunk_rows_for
-from .chunk_budget import vocab_block
+from .chunk_budget import visit_rows, vocab_block
 from .chunk_budget import weight_grad_walk as weight_grad_walk_for
 from .chunk_driver import RowStats, block_gradient, one_visit
 from .collectives import VocabShard, group_size
@@ -63,6 +66,11 @@ def _fused_pass(hidden, weight, bias, target_local, valid, k: DeceConstants, sha
     ``hidden``, ``weight`` and ``bias`` come in the matmul dtype (``matmul_dtype.matmul_inputs``); the vocabulary
     walk writes the weight gradient in ``grad_w_dtype`` (default: the weight's).
 
+    Per chunk of ``chunk_rows`` rows the logits go into one reused ``[chunk, V_shard]`` buffer; ``one_visit``
+    walks it ``visit_rows`` rows at a time (cache-sized scratch, the per-chunk collectives per visit) and writes
+    each visit's gradient over its logits (into an fp32 buffer for bf16 / fp16 logits, rounded back over the
+    logits for the ``grad_hidden`` matmul).
+
     ``walk="rows"``: each chunk's gradient goes into ``grad_hidden`` and adds into the whole fp32 weight
     gradient. ``walk="vocab"``: the row chunks give the loss and each row's ``RowStats`` only; then a second
     walk over ``block`` = (rows, columns) tiles of the vocabulary recomputes those logits, forms their gradient
@@ -75,7 +83,13 @@ def _fused_pass(hidden, weight, bias, target_local, valid, k: DeceConstants, sha
     device = hidden.device
     want_grads = row_coef is not None
     by_vocab = want_grads and walk == "vocab"
-    work = WorkBuffers(min(chunk_rows, max(n_rows, 1)), v_real, device, dtype)
+    rows_max = min(chunk_rows, max(n_rows, 1))
+    per_visit = _visit_rows(rows_max, budget_columns(shard, group), hidden.dtype, k)
+    work = WorkBuffers(per_visit, v_real, device, dtype)
+    logits = torch.empty(rows_max, v_real, dtype=hidden.dtype, device=device)   # then the gradient, over it
+    grad_buf = None
+    if want_grads and not by_vocab:
+        grad_buf = logits if hidden.dtype == dtype else torch.empty(rows_max, v_real, dtype=dtype, device=device)
     w_real = weight[:v_real]
     b_real = bias[:v_real] if bias is not None else None
     per_token = torch.zeros(n_rows, dtype=dtype, device=device) if want_loss else None
@@ -87,26 +101,30 @@ def _fused_pass(hidden, weight, bias, target_local, valid, k: DeceConstants, sha
     for start in range(0, n_rows, chunk_rows):
         rows = slice(start, min(start + chunk_rows, n_rows))
         h = hidden[rows]
-        z = h @ w_real.T if b_real is None else torch.addmm(b_real, h, w_real.T)   # [c, v_real]
-        res = one_visit(z, target_local[rows], valid[rows], k, shard, group if world > 1 else None, work,
-                        row_coef[rows] if want_grads and not by_vocab else None, want_loss=want_loss,
-                        want_log_p=log_p_out is not None and want_loss, row_offset=start)
-        del z
-        if want_loss:
-            per_token[rows] = res.per_token
-        if res.log_p_t is not None:
-            log_p_out[rows] = res.log_p_t
-        if by_vocab:
-            stats.append(res.row_stats)
-        if not want_grads or by_vocab:
+        z = _matmul_into(logits[:rows.stop - start], h, w_real, b_real)            # [c, v_real]
+        g = None if grad_buf is None else grad_buf[:rows.stop - start]
+        for v0 in range(0, z.shape[0], per_visit):
+            part = slice(v0, min(v0 + per_visit, z.shape[0]))
+            tok = slice(start + part.start, start + part.stop)
+            res = one_visit(z[part], target_local[tok], valid[tok], k, shard, group if world > 1 else None, work,
+                            row_coef[tok] if g is not None else None, want_loss=want_loss,
+                            want_log_p=log_p_out is not None and want_loss,
+                            grad_out=None if g is None else g[part], row_offset=tok.start)
+            if want_loss:
+                per_token[tok] = res.per_token
+            if res.log_p_t is not None:
+                log_p_out[tok] = res.log_p_t
+            if by_vocab:
+                stats.append(res.row_stats)
+        if g is None:
             continue
-        g = res.grad                                                   # [c, v_real] compute dtype, over p
-        grad_h[rows] += (g if g.dtype == hidden.dtype else g.to(hidden.dtype)) @ w_real
+        g_in = g if g.dtype == hidden.dtype else z.copy_(g)                   # hidden's dtype; z is spent
+        _add_matmul(grad_h[rows], g_in, w_real)
         grad_w[:v_real].addmm_(g.T, h if h.dtype == dtype else h.to(dtype))
         if grad_b is not None:
             grad_b[:v_real] += g.sum(0)
+    del logits, grad_buf, work
     if by_vocab:
-        del work
         row_stats = RowStats(*(torch.cat(t) for t in zip(*((s.shift, s.log_norm, s.w_total) for s in stats))))
         grad_w = vocab_walk(hidden, weight, bias, target_local, row_stats, row_coef, k, v_real, block, grad_h,
                             grad_b, grad_w_dtype or weight.dtype)
@@ -115,13 +133,40 @@ def _fused_pass(hidden, weight, bias, target_local, valid, k: DeceConstants, sha
     return per_token, grad_h, grad_w, grad_b
 
 
+def budget_columns(shard: VocabShard, group) -> int:
+    """The shard width the chunk and visit rows are sized for: this shard's real columns on one device; under TP
+    ``ceil(V / world)`` on every rank, so ranks whose shards differ (uneven shards, the padded last one) still
+    walk the same chunks and visits and send their per-visit collectives in step."""
+    if group is None:
+        return shard.real_size
+    return -(-shard.global_vocab_size // shard.world_size)
+
+
+def _visit_rows(chunk: int, cols: int, dtype: torch.dtype, k: DeceConstants) -> int:
+    return visit_rows(chunk, cols, dtype=dtype, logit_softcap=k.logit_softcap is not None, backend=k.backend)
+
+
+def _matmul_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``h @ w.T (+ b)`` ``[r, cols]`` written into ``out`` (a reused buffer: no fresh pages per chunk)."""
+    return torch.mm(h, w.T, out=out) if b is None else torch.addmm(b, h, w.T, out=out)
+
+
+def _add_matmul(acc: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> None:
+    """``acc += g @ w`` (``acc`` fp32; in place, without a temporary, when ``g`` has its dtype)."""
+    if g.dtype == acc.dtype:
+        acc.addmm_(g, w)
+    else:
+        acc += g @ w
+
+
 def vocab_walk(hidden, weight, bias, target_local, stats: RowStats, row_coef, k: DeceConstants, v_real: int,
                block: tuple[int, int], grad_h: torch.Tensor, grad_b: torch.Tensor | None,
                grad_dtype: torch.dtype) -> torch.Tensor:
     """The gradients block by block of ``block[1]`` vocabulary columns -> the weight gradient ``[V_shard, H]`` in
     ``grad_dtype`` (the weight's own, also when the matmuls run on fp32 copies: ``matmul_dtype``). Per block,
-    ``block[0]`` rows at a time: the logits ``hidden_r @ weight_b.T``, their gradient ``dz`` from the rows'
-    global ``stats`` (``chunk_driver.block_gradient``, no collective), ``grad_h[rows] += dz @ weight_b``
+    ``block[0]`` rows at a time: the logits ``hidden_r @ weight_b.T`` (one reused buffer), their gradient ``dz``
+    from the rows' global ``stats`` (``chunk_driver.block_gradient``, no collective, ``visit_rows`` rows at a
+    time, written over the logits or into an fp32 buffer for bf16 / fp16 ones), ``grad_h[rows] += dz @ weight_b``
     (``grad_h`` fp32 ``[N, H]``, added into) and ``grad_weight_b = dz.T @ hidden``, written once. With every row
     in one tile a bf16 / fp16 ``dz`` is rounded once into the inputs' dtype for both matmuls (as the rows walk
     does for ``grad_hidden``); with several row tiles, or a ``grad_dtype`` other than the matmuls', the block
@@ -133,29 +178,36 @@ def vocab_walk(hidden, weight, bias, target_local, stats: RowStats, row_coef, k:
     low = dtype != hidden.dtype
     acc = None if direct else torch.empty(min(cols, v_real), hidden.shape[1], dtype=dtype, device=hidden.device)
     hidden_acc = hidden if acc is None or not low else hidden.to(dtype)   # cast once, not per block and tile
-    work, g_low = None, None
+    tile = min(tile_rows, max(n_rows, 1)) * min(cols, v_real)
+    logits_flat = torch.empty(tile, dtype=hidden.dtype, device=hidden.device)     # then the gradient, over it
+    grad_flat = torch.empty(tile, dtype=dtype, device=hidden.device) if low else logits_flat
+    work, per_visit = None, 1
     for v0 in range(0, v_real, cols):
         v1 = min(v0 + cols, v_real)
         w_b = weight[v0:v1]
         if work is None or work.cols != v1 - v0:   # the first block, and a narrower last one
-            work = g_low = None
-            work = WorkBuffers(min(tile_rows, max(n_rows, 1)), v1 - v0, hidden.device, dtype)
-            if low:
-                g_low = torch.empty(min(tile_rows, n_rows), v1 - v0, dtype=hidden.dtype, device=hidden.device)
+            per_visit = _visit_rows(min(tile_rows, max(n_rows, 1)), v1 - v0, hidden.dtype, k)
+            work = None
+            work = WorkBuffers(per_visit, v1 - v0, hidden.device, dtype)
         if acc is not None:
             acc[:v1 - v0].zero_()
         for r0 in range(0, n_rows, tile_rows):
             rows = slice(r0, min(r0 + tile_rows, n_rows))
             h = hidden[rows]
-            z = h @ w_b.T if bias is None else torch.addmm(bias[v0:v1], h, w_b.T)
-            g = block_gradient(z, target_local[rows] - v0, RowStats(stats.shift[rows], stats.log_norm[rows],
-                                                                    stats.w_total[rows]),
-                               row_coef[rows], k, work)              # compute dtype, over scratch
-            del z
+            shape = (rows.stop - r0, v1 - v0)
+            z = _matmul_into(logits_flat[:shape[0] * shape[1]].view(shape), h, w_b,
+                             None if bias is None else bias[v0:v1])
+            g = grad_flat[:shape[0] * shape[1]].view(shape)
+            for p0 in range(0, shape[0], per_visit):
+                part = slice(p0, min(p0 + per_visit, shape[0]))
+                tok = slice(r0 + part.start, r0 + part.stop)
+                block_gradient(z[part], target_local[tok] - v0, RowStats(stats.shift[tok], stats.log_norm[tok],
+                                                                         stats.w_total[tok]),
+                               row_coef[tok], k, work, out=g[part])          # compute dtype
             if grad_b is not None:
                 grad_b[v0:v1] += g.sum(0)
-            g_in = g if g_low is None else g_low[:g.shape[0]].copy_(g)   # hidden's dtype
-            grad_h[rows] += g_in @ w_b
+            g_in = z.copy_(g) if low else g                                  # hidden's dtype; z is spent
+            _add_matmul(grad_h[rows], g_in, w_b)
             if acc is None:
                 torch.mm(g_in.T, h, out=grad_w[v0:v1])
             else:
@@ -321,7 +373,7 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
             debug_check_same_inputs(t, h.shape[0], shard, group)
         k = make_constants(alpha, label_smoothing, prob_floor, shard.global_vocab_size, z_loss, logit_softcap,
                            backend)
-        chunk_rows = chunk_rows_for(h.shape[0], shard.real_size, fused=True, dtype=h.dtype,
+        chunk_rows = chunk_rows_for(h.shape[0], budget_columns(shard, group), fused=True, dtype=h.dtype,
                                     budget_bytes=chunk_budget_bytes, chunk_size=chunk_size,
                                     logit_softcap=logit_softcap is not None, backend=backend)
         check_log_p_out(log_p_out, h.shape[0], h.device)

@@ -41,21 +41,22 @@ Logits and loss memory (``V_local = V / tp`` with the vocab-parallel head; logit
                 already fp32, as the upcast is then free)
     dece        the logits + one ``N x V_local`` gradient buffer in the logits dtype (written in the
                 forward) + ``[chunk, V_local]`` scratch (three fp32 buffers)
-    fused       no ``N x V`` tensor: ``[chunk, V_local]`` scratch (three fp32 buffers, the chunk's logits and,
-                for bf16 / fp16, its gradient in the training dtype), the head-weight gradient ``V_local x h``
-                (an fp32 accumulator on the rows walk; in the training dtype on the vocabulary walk that
-                chunks shorter than 128 rows take: ``chunk_budget.weight_grad_bytes``) and the fp32
+    fused       no ``N x V`` tensor: the chunk's logits ``[chunk, V_local]`` in the training dtype, which their
+                gradient overwrites (+ an fp32 gradient buffer for bf16 / fp16), one visit's scratch (three fp32
+                ``[visit, V_local]`` buffers, at most the unfused budget), the head-weight gradient
+                ``V_local x h`` (an fp32 accumulator on the rows walk; in the training dtype on the vocabulary
+                walk that chunks shorter than 128 rows take: ``chunk_budget.weight_grad_bytes``) and the fp32
                 ``grad_hidden`` ``N x h``
-    ``chunk`` and the scratch bytes per element come from ``dece_ds.ops.chunk_budget`` (the ops' own rule):
-    rows = budget // (V_local * bytes per element), default budget 16 MiB unfused and 128 MiB fused, so
-    the fused scratch stays near 128 MiB whatever V is. The ``dece`` section's ``chunk_budget_mib``,
-    ``backend`` ("compile": no fp32 scratch unfused, so the same budget holds more rows) and
-    ``logit_softcap`` (one more fp32 buffer, eager) are ``PlanInput`` fields and ``dece-ds plan`` flags.
+    ``chunk``, ``visit`` and the scratch bytes per element come from ``dece_ds.ops.chunk_budget`` (the ops' own
+    rule): rows = budget // (V_local * bytes per element), default budget 16 MiB unfused (and per fused visit)
+    and 128 MiB fused, so the fused scratch stays near 144 MiB whatever V is. The ``dece`` section's
+    ``chunk_budget_mib``, ``backend`` ("compile": no fp32 scratch unfused, so the same budget holds more rows)
+    and ``logit_softcap`` (one more fp32 buffer, eager) are ``PlanInput`` fields and ``dece-ds plan`` flags.
 
 Loss collectives per micro-batch (bytes each rank contributes; zero at tp = 1)
     dece (ours, vocab-parallel): all-gather of (N + 2) fp32 (the per-token log-sum-exp and the shard's
                 two metadata values) + all-reduce of 2N fp32 (stacked partial sums)
-    fused:      the same two per chunk ((N + 2 * chunks) fp32 gathered, 2N reduced) + the all-reduce of
+    fused:      the same two per visit ((N + 2 * visits) fp32 gathered, 2N reduced) + the all-reduce of
                 ``grad_hidden``, N x h in the training dtype
     ce (megatron's vocab-parallel CE): three all-reduces of N fp32 (max, target logit, sum of exp)
 """
@@ -246,6 +247,12 @@ def chunk_rows(n_tokens: int, v_local: int, fused: bool = False, dtype: str = "f
                 logit_softcap=inp.logit_softcap, backend=inp.backend)
 
 
+def visit_rows(chunk: int, v_local: int, inp: PlanInput) -> int:
+    """Rows per visit of a fused chunk (``dece_ds.ops.chunk_budget.visit_rows``), with ``inp``'s loss options."""
+    from ..ops.chunk_budget import visit_rows as rule
+    return rule(chunk, v_local, dtype=inp.dtype, logit_softcap=inp.logit_softcap, backend=inp.backend)
+
+
 def _scratch_per_element(inp: PlanInput, fused: bool) -> int:
     from ..ops.chunk_budget import scratch_bytes_per_element
     return scratch_bytes_per_element(fused=fused, dtype=inp.dtype, logit_softcap=inp.logit_softcap,
@@ -256,13 +263,14 @@ def loss_memory(shape: ModelShape, inp: PlanInput) -> dict[str, int]:
     from ..ops.chunk_budget import weight_grad_bytes
     N, V, b, h = inp.tokens, vocab_local(shape, inp.tp), DTYPE_BYTES[inp.dtype], shape.hidden_size
     c, cf = chunk_rows(N, V, inp=inp), chunk_rows(N, V, fused=True, inp=inp)
+    visit = visit_rows(cf, V, inp)
     logits = N * V * b
     ce_buffers = 3 if b < 4 else 2
     return {
         "ce": logits + ce_buffers * 4 * N * V,
         "dece": logits + N * V * b + _scratch_per_element(inp, fused=False) * c * V,
-        "fused": _scratch_per_element(inp, fused=True) * cf * V + weight_grad_bytes(N, V, h, cf, dtype=inp.dtype)
-                 + 4 * N * h,
+        "fused": (_scratch_per_element(inp, fused=True) * cf + _scratch_per_element(inp, fused=False) * visit) * V
+                 + weight_grad_bytes(N, V, h, cf, dtype=inp.dtype) + 4 * N * h,
     }
 
 
@@ -270,11 +278,14 @@ def loss_collectives(shape: ModelShape, inp: PlanInput) -> dict[str, dict[str, i
     if inp.tp == 1:
         return {k: {"all_gather": 0, "all_reduce": 0, "calls": 0} for k in LOSSES}
     N, b, h = inp.tokens, DTYPE_BYTES[inp.dtype], shape.hidden_size
-    chunks = math.ceil(N / chunk_rows(N, vocab_local(shape, inp.tp), fused=True, inp=inp))
+    from ..ops.chunk_budget import visits
+    v_local = vocab_local(shape, inp.tp)
+    cf = chunk_rows(N, v_local, fused=True, inp=inp)
+    n_visits = visits(N, cf, visit_rows(cf, v_local, inp))
     return {
         "ce": {"all_gather": 0, "all_reduce": 3 * 4 * N, "calls": 3},
         "dece": {"all_gather": 4 * (N + 2), "all_reduce": 4 * 2 * N, "calls": 2},
-        "fused": {"all_gather": 4 * (N + 2 * chunks), "all_reduce": 4 * 2 * N + b * N * h, "calls": 2 * chunks + 1},
+        "fused": {"all_gather": 4 * (N + 2 * n_visits), "all_reduce": 4 * 2 * N + b * N * h, "calls": 2 * n_visits + 1},
     }
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dece_ds import dece_loss, fused_linear_dece
-from dece_ds.ops.chunk_budget import DEFAULT_BUDGET_BYTES, chunk_rows, scratch_bytes_per_element
+from dece_ds.ops.chunk_budget import (DEFAULT_BUDGET_BYTES, chunk_rows, scratch_bytes_per_element, visit_rows,
+                                     visits)
 from dece_ds.planning import estimate
 from dece_ds.planning.estimate import PlanInput, loss_memory
 from dece_ds.planning.shapes import BUILTIN_SHAPES
@@ -19,15 +20,17 @@ def test_bytes_per_element_by_hand():
     assert scratch_bytes_per_element(fused=False, dtype=torch.float32) == 12        # p, q, r
     assert scratch_bytes_per_element(fused=False, dtype=torch.bfloat16) == 12
     assert scratch_bytes_per_element(fused=False, dtype=torch.float32, logit_softcap=True) == 16
-    assert scratch_bytes_per_element(fused=True, dtype=torch.float32) == 16         # + fp32 logits
-    assert scratch_bytes_per_element(fused=True, dtype="bf16") == 16                 # + bf16 logits, bf16 dz
+    assert scratch_bytes_per_element(fused=True, dtype=torch.float32) == 4          # fp32 logits, then dz
+    assert scratch_bytes_per_element(fused=True, dtype="bf16") == 6                  # bf16 logits, fp32 dz
+    assert scratch_bytes_per_element(fused=True, dtype="bf16", backend="compile") == 6
+    assert scratch_bytes_per_element(fused=False, dtype="bf16", backend="compile") == 2
     assert scratch_bytes_per_element(fused=False, dtype=torch.float64) == 24
 
 
 @pytest.mark.parametrize("v,dtype,fused,budget,expect", [
-    (151936, torch.float32, True, None, 128 * MIB // (16 * 151936)),   # 55 rows
-    (151936, torch.bfloat16, True, None, 55),
-    (32000, torch.float32, True, None, 262),
+    (151936, torch.float32, True, None, 128 * MIB // (4 * 151936)),    # 220 rows
+    (151936, torch.bfloat16, True, None, 147),
+    (32000, torch.float32, True, None, 1048),
     (32000, torch.float32, False, None, 16 * MIB // (12 * 32000)),     # 43 rows
     (151936, torch.float32, False, None, 9),
     (151936, torch.float32, True, 1, 1),                                # never below one row
@@ -41,6 +44,16 @@ def test_fused_scratch_is_bounded_independently_of_v():
     for v in (32000, 151936, 256000, 1_000_000):
         rows = chunk_rows(10**6, v, fused=True)
         assert rows * v * scratch_bytes_per_element(fused=True) <= DEFAULT_BUDGET_BYTES["fused"]
+        visit = visit_rows(rows, v)
+        assert visit * v * scratch_bytes_per_element(fused=False) <= DEFAULT_BUDGET_BYTES["unfused"]
+
+
+def test_visits_by_hand():
+    assert visit_rows(220, 151936) == 9                     # 16 MiB // (12 bytes x 151936)
+    assert visit_rows(5, 151936) == 5                       # never more than the chunk
+    assert visit_rows(1048, 32000, backend="compile") == 131  # compiled: the logits only, 16 MiB // (4 x 32000)
+    assert visits(100, 30, 7) == 3 * 5 + 2                  # three chunks of 5 visits, a 10-row chunk of 2
+    assert visits(0, 30, 7) == 0
 
 
 def test_chunk_size_wins():
@@ -56,7 +69,8 @@ def test_planner_uses_the_same_rule():
     mem = loss_memory(shape, PlanInput(world_size=1, seq_len=n, dtype="fp32"))
     rows = chunk_rows(n, shape.vocab_size, fused=True, dtype=torch.float32)
     h = shape.hidden_size
-    assert mem["fused"] == 16 * rows * shape.vocab_size + 4 * shape.vocab_size * h + 4 * n * h
+    visit = 16 * MIB // (12 * shape.vocab_size)
+    assert mem["fused"] == (4 * rows + 12 * visit) * shape.vocab_size + 4 * shape.vocab_size * h + 4 * n * h
 
 
 def test_budget_arg_is_checked():
@@ -94,8 +108,8 @@ def test_results_do_not_depend_on_the_budget(dtype):
 
 def test_weight_grad_walk_rule():
     from dece_ds.ops.chunk_budget import weight_grad_walk
-    assert weight_grad_walk("auto", 4096, 55) == "vocab"      # V 151936, the default budget: short chunks
-    assert weight_grad_walk("auto", 4096, 262) == "rows"      # V 32000: long enough
+    assert weight_grad_walk("auto", 4096, 55) == "vocab"      # V 151936 and a 32 MiB budget: short chunks
+    assert weight_grad_walk("auto", 4096, 220) == "rows"      # V 151936, the default budget: long enough
     assert weight_grad_walk("auto", 40, 55) == "rows"         # one chunk: the weight gradient is written once
     assert weight_grad_walk("rows", 4096, 1) == "rows" and weight_grad_walk("vocab", 10, 100) == "vocab"
     with pytest.raises(ValueError, match="weight_grad_walk: expected one of"):

@@ -220,14 +220,24 @@ def test_never_allocates_n_by_v(monkeypatch):
     assert max(created) <= max(big_v * H, 4000 * H, 64 * big_v) < 4000 * big_v / 10
 
 
-def _tp_rank(rank, world, dtype, reduction, walk="auto"):
+def _short_visits(rows: int, cols: int) -> None:
+    """Make ``chunk_budget.visit_rows`` give ``rows`` per visit of a ``cols``-wide chunk (its unfused budget)."""
+    from dece_ds.ops import chunk_budget
+    chunk_budget.DEFAULT_BUDGET_BYTES["unfused"] = rows * cols * chunk_budget.scratch_bytes_per_element(fused=False)
+
+
+def _tp_rank(rank, world, dtype, reduction, walk="auto", visit=None):
+    if visit is not None:
+        _short_visits(visit, 102)
     h, w, b, t = _inputs(dtype, bias=True)
     starts = [0, 120, V]  # uneven shards
     lo, hi = starts[rank], starts[rank + 1]
     hl = _leaf(h, dtype)
     wl, bl = _leaf(w[lo:hi], dtype), _leaf(b[lo:hi], dtype)
+    # with visit: 8-row chunks from a byte budget, which each rank sizes for ceil(V / world) = 102 columns
+    size = dict(chunk_size=8) if visit is None else dict(chunk_budget_bytes=8 * 102 * 4)
     loss = fused_linear_dece(hl, wl, t, alpha=0.9, bias=bl, reduction=reduction, tp_group=dist.group.WORLD,
-                             vocab_start_index=lo, global_vocab_size=V, chunk_size=8, weight_grad_walk=walk)
+                             vocab_start_index=lo, global_vocab_size=V, weight_grad_walk=walk, **size)
     (loss.sum() if reduction == "none" else loss).backward()
     ref = _reference(h, w, b, t, reduction=reduction, alpha=0.9)
     tol = TOL[dtype]
@@ -243,6 +253,34 @@ def _tp_rank(rank, world, dtype, reduction, walk="auto"):
                                                   (torch.float32, "none", "rows"), (torch.float32, "none", "vocab")])
 def test_tensor_parallel_two_ranks(dtype, reduction, walk):
     run_distributed(_tp_rank, 2, dtype, reduction, walk)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_visits_shorter_than_the_chunk():
+    """3-row visits of 8-row chunks, both sized from a budget on shards of 120 and 83 columns: every rank walks the
+    same visits (else the per-visit collectives would mismatch) and the result is the reference."""
+    run_distributed(_tp_rank, 2, torch.float32, "mean", "rows", 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("walk", ["rows", "vocab"])
+def test_visits_shorter_than_the_chunk(monkeypatch, dtype, reduction, walk):
+    """One chunk of all 45 rows walked in visits of 4 rows (the last one 1 row): each visit's gradient is written
+    over its own logits, so a visit that read or wrote its neighbours' rows would break the float64 equality."""
+    from dece_ds.ops import chunk_budget
+    monkeypatch.setitem(chunk_budget.DEFAULT_BUDGET_BYTES, "unfused",
+                        4 * V * chunk_budget.scratch_bytes_per_element(fused=False))
+    assert chunk_budget.visit_rows(N, V) == 4
+    h, w, b, t = _inputs(dtype, bias=True)
+    hl, wl, bl = _leaf(h, dtype), _leaf(w, dtype), _leaf(b, dtype)
+    loss = fused_linear_dece(hl, wl, t, alpha=0.9, reduction=reduction, bias=bl, chunk_size=N, weight_grad_walk=walk)
+    (loss.sum() if reduction == "none" else loss).backward()
+    ref = _reference(h, w, b, t, reduction=reduction, alpha=0.9)
+    tol = TOL[dtype]
+    scale = 1.0 if reduction == "mean" else 10.0
+    for got, want in zip((loss, hl.grad, wl.grad, bl.grad), ref):
+        torch.testing.assert_close(got.double(), want, rtol=tol["rtol"], atol=tol["atol"] * scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

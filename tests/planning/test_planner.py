@@ -148,8 +148,8 @@ def test_loss_memory_by_hand():
     assert mem["ce"] == N * V * 2 + 3 * 4 * N * V          # bf16 logits + 3 fp32 N x V
     c = 16 * 2**20 // (12 * V)                              # 43 rows: 16 MiB of p, q, r (fp32)
     assert mem["dece"] == 2 * N * V * 2 + 12 * c * V        # logits + bf16 gradient buffer + scratch
-    cf = 128 * 2**20 // (16 * V)                            # 262 rows: 128 MiB of p, q, r + bf16 z and dz
-    assert mem["fused"] == 16 * cf * V + 4 * V * h + 4 * N * h
+    cf = 128 * 2**20 // (6 * V)                             # 698 rows: 128 MiB of bf16 z and its fp32 dz
+    assert mem["fused"] == (6 * cf + 12 * c) * V + 4 * V * h + 4 * N * h   # + one 43-row visit's p, q, r
     mem2 = loss_memory(shape, PlanInput(world_size=8, tp=2, seq_len=N))
     assert mem2["ce"] == N * (V // 2) * 2 + 3 * 4 * N * (V // 2)  # TP divides V
     fp32 = loss_memory(shape, PlanInput(world_size=1, seq_len=N, dtype="fp32"))
@@ -163,12 +163,13 @@ def test_loss_options_size_the_scratch_by_hand():
     comp = loss_memory(shape, PlanInput(world_size=8, seq_len=N, backend="compile"))
     c = 16 * 2**20 // (2 * V)                               # 262 rows: only the bf16 chunk of logits
     assert comp["dece"] == 2 * N * V * 2 + 2 * c * V
-    cf = 128 * 2**20 // ((2 + 4 + 2) * V)                   # 523 rows: bf16 z, fp32 dz and its bf16 cast
-    assert comp["fused"] == 8 * cf * V + 4 * V * h + 4 * N * h
-    small = loss_memory(shape, PlanInput(world_size=8, seq_len=N, chunk_budget_mib=32))
-    cf = 32 * 2**20 // (16 * V)                             # 65 rows: under 128, so the vocabulary walk
-    assert cf < 128 and cf * V // N >= 256                  # whose tiles hold every row (508 columns)
-    assert small["fused"] == 16 * cf * V + 2 * V * h + 4 * N * h   # the weight gradient in bf16
+    cf = 128 * 2**20 // ((2 + 4) * V)                       # 698 rows: bf16 z (then its bf16 cast), fp32 dz
+    assert comp["fused"] == (6 * cf + 2 * c) * V + 4 * V * h + 4 * N * h   # + a 262-row visit (counted as z)
+    small = loss_memory(shape, PlanInput(world_size=8, seq_len=N, chunk_budget_mib=16))
+    cf = 16 * 2**20 // (6 * V)                              # 87 rows: under 128, so the vocabulary walk
+    assert cf < 128 and cf * V // N >= 256                  # whose tiles hold every row (680 columns)
+    visit = 16 * 2**20 // (12 * V)                          # 43 rows
+    assert small["fused"] == (6 * cf + 12 * visit) * V + 2 * V * h + 4 * N * h   # the weight gradient in bf16
     capped = loss_memory(shape, PlanInput(world_size=8, seq_len=N, logit_softcap=True))
     c = 16 * 2**20 // (16 * V)                              # p, q, r and the capped logits, fp32
     assert capped["dece"] == 2 * N * V * 2 + 16 * c * V
@@ -184,6 +185,11 @@ def test_loss_collectives_by_hand():
     coll = loss_collectives(shape, PlanInput(world_size=8, tp=2, micro_batch=2, seq_len=4096))
     assert coll["dece"] == {"all_gather": 4 * (N + 2), "all_reduce": 8 * N, "calls": 2}
     assert coll["ce"] == {"all_gather": 0, "all_reduce": 12 * N, "calls": 3}
+    # fused: 294-row chunks (128 MiB of bf16 z + fp32 dz over 76032 columns) in 18-row visits, two collectives each:
+    # 27 full chunks of 17 visits, the last 254 rows in 15, + the all-reduce of grad_hidden
+    visits = 27 * 17 + 15
+    assert coll["fused"] == {"all_gather": 4 * (N + 2 * visits), "all_reduce": 8 * N + 2 * N * 3584,
+                             "calls": 2 * visits + 1}
     none = loss_collectives(shape, PlanInput(world_size=8, tp=1))
     assert all(v["all_gather"] == v["all_reduce"] == 0 for v in none.values())
 
