@@ -49,7 +49,7 @@ from .chunk_driver import RowStats, block_gradient, one_visit
 from .collectives import VocabShard, group_size
 from .dece import (_row_scale, check_log_p_out, debug_check_same_inputs, debug_enabled, flat_targets, make_constants,
                    refuse_double_backward, saved_gradients)
-from .matmul_dtype import matmul_inputs
+from .matmul_dtype import matmul_dtype, matmul_inputs
 from .shard_math import DeceConstants, WorkBuffers, compute_dtype
 from .vocab_parallel import resolve_shard
 
@@ -373,7 +373,9 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
             debug_check_same_inputs(t, h.shape[0], shard, group)
         k = make_constants(alpha, label_smoothing, prob_floor, shard.global_vocab_size, z_loss, logit_softcap,
                            backend)
-        chunk_rows = chunk_rows_for(h.shape[0], budget_columns(shard, group), fused=True, dtype=h.dtype,
+        # the chunk's logits are in the matmul dtype (fp32 for bf16 on a CPU that emulates it: matmul_dtype)
+        chunk_rows = chunk_rows_for(h.shape[0], budget_columns(shard, group), fused=True,
+                                    dtype=matmul_dtype(h.device, h.dtype),
                                     budget_bytes=chunk_budget_bytes, chunk_size=chunk_size,
                                     logit_softcap=logit_softcap is not None, backend=backend)
         check_log_p_out(log_p_out, h.shape[0], h.device)
