@@ -105,7 +105,9 @@ class DeceConfig(BaseModel):
         "auto", description="How fused_linear forms the head's weight gradient: rows (every token chunk adds into "
                             "one fp32 [V, H] accumulator), vocab (the logits recomputed block by block of the "
                             "vocabulary, each gradient block written once in the weight's dtype) or auto (vocab "
-                            "when the chunks are shorter than 128 tokens; dece_ds.ops.chunk_budget).")
+                            "when the chunks are shorter than 128 tokens, or for a bf16 / fp16 head whose fp32 "
+                            "accumulator would exceed its own gradient by more than the chunk budget; "
+                            "dece_ds.ops.chunk_budget).")
     ce_warmup_epochs: int = Field(
         0, ge=0, description="Plain label-smoothed CE (alpha = 1) for the first N epochs, then DeCE.")
     alpha_min: float = Field(

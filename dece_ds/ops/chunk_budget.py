@@ -96,14 +96,23 @@ MIN_BLOCK_COLS = 256
 WALKS = ("auto", "rows", "vocab")
 
 
-def weight_grad_walk(requested: str, n_rows: int, rows_per_chunk: int) -> str:
+def weight_grad_walk(requested: str, n_rows: int, rows_per_chunk: int, *, weight_dtype=torch.float32,
+                     v_shard: int = 0, hidden: int = 0, budget_bytes: int | None = None) -> str:
     """``"rows"`` or ``"vocab"``: ``requested`` unless ``"auto"``, which takes ``"vocab"`` when there is more than
-    one chunk and they are shorter than ``VOCAB_WALK_BELOW_ROWS`` rows."""
+    one chunk and either they are shorter than ``VOCAB_WALK_BELOW_ROWS`` rows (time: the accumulator's traffic)
+    or the rows walk's fp32 ``[v_shard, hidden]`` accumulator would hold more bytes beyond a gradient in
+    ``weight_dtype`` (bf16 / fp16) than the fused chunk budget (memory: ``budget_bytes``, default 128 MiB)."""
     if requested not in WALKS:
         raise ValueError(f"weight_grad_walk: expected one of {WALKS}, got {requested!r}")
     if requested != "auto":
         return requested
-    return "vocab" if n_rows > rows_per_chunk and rows_per_chunk < VOCAB_WALK_BELOW_ROWS else "rows"
+    if n_rows <= rows_per_chunk:
+        return "rows"
+    if rows_per_chunk < VOCAB_WALK_BELOW_ROWS:
+        return "vocab"
+    budget = DEFAULT_BUDGET_BYTES["fused"] if budget_bytes is None else int(budget_bytes)
+    accumulator_extra = (4 - _width(weight_dtype)) * v_shard * hidden
+    return "vocab" if accumulator_extra > budget else "rows"
 
 
 def vocab_block(n_rows: int, v_shard: int, rows_per_chunk: int) -> tuple[int, int]:
@@ -120,11 +129,12 @@ def vocab_block(n_rows: int, v_shard: int, rows_per_chunk: int) -> tuple[int, in
 
 
 def weight_grad_bytes(n_rows: int, v_shard: int, hidden: int, rows_per_chunk: int, *, dtype=torch.float32,
-                      walk: str = "auto") -> int:
+                      walk: str = "auto", budget_bytes: int | None = None) -> int:
     """Bytes the fused loss holds for the weight gradient: the fp32 ``[V_shard, H]`` accumulator on the rows
     walk; on the vocabulary walk the gradient in the weight's ``dtype``, + an fp32 ``[columns, H]`` block
     accumulator when a tile has fewer than all rows (``vocab_block``)."""
-    if weight_grad_walk(walk, n_rows, rows_per_chunk) == "rows":
+    if weight_grad_walk(walk, n_rows, rows_per_chunk, weight_dtype=dtype, v_shard=v_shard, hidden=hidden,
+                        budget_bytes=budget_bytes) == "rows":
         return 4 * v_shard * hidden
     tile_rows, cols = vocab_block(n_rows, v_shard, rows_per_chunk)
     return _width(dtype) * v_shard * hidden + (4 * cols * hidden if tile_rows < n_rows else 0)

@@ -340,7 +340,9 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
     every chunk into one fp32 accumulator (3 matmuls, the accumulator read and written once per chunk);
     ``"vocab"`` recomputes the logits block by block of the vocabulary and writes each block once, in the
     weight's dtype (4 matmuls); ``"auto"`` (default) takes ``"vocab"`` when the budget's chunks are short
-    (large V). Returns as ``dece_loss``; backward rules as ``dece_loss``'s.
+    (very large V) or, for bf16 / fp16 weights, when the fp32 accumulator would exceed the gradient in the
+    weight's dtype by more than the chunk budget (large V x H). Returns as ``dece_loss``; backward rules as
+    ``dece_loss``'s.
     """
     check_float_tensor(hidden, "hidden")
     check_float_tensor(weight, "weight")
@@ -379,7 +381,9 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
                                     budget_bytes=chunk_budget_bytes, chunk_size=chunk_size,
                                     logit_softcap=logit_softcap is not None, backend=backend)
         check_log_p_out(log_p_out, h.shape[0], h.device)
-        walk = weight_grad_walk_for(weight_grad_walk, h.shape[0], chunk_rows)
+        walk = weight_grad_walk_for(weight_grad_walk, h.shape[0], chunk_rows, weight_dtype=weight.dtype,
+                                    v_shard=budget_columns(shard, group), hidden=h.shape[1],
+                                    budget_bytes=chunk_budget_bytes)
         block = vocab_block(h.shape[0], shard.real_size, chunk_rows) if walk == "vocab" else None
         loss = FusedLinearDeceFunction.apply(h, weight, bias, t, valid, k, shard, group, reduction,
                                              num_items_in_batch, chunk_rows, log_p_out, walk, block)

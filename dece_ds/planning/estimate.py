@@ -260,7 +260,7 @@ def _scratch_per_element(inp: PlanInput, fused: bool) -> int:
 
 
 def loss_memory(shape: ModelShape, inp: PlanInput) -> dict[str, int]:
-    from ..ops.chunk_budget import weight_grad_bytes
+    from ..ops.chunk_budget import budget_mib_to_bytes, weight_grad_bytes
     N, V, b, h = inp.tokens, vocab_local(shape, inp.tp), DTYPE_BYTES[inp.dtype], shape.hidden_size
     c, cf = chunk_rows(N, V, inp=inp), chunk_rows(N, V, fused=True, inp=inp)
     visit = visit_rows(cf, V, inp)
@@ -270,7 +270,8 @@ def loss_memory(shape: ModelShape, inp: PlanInput) -> dict[str, int]:
         "ce": logits + ce_buffers * 4 * N * V,
         "dece": logits + N * V * b + _scratch_per_element(inp, fused=False) * c * V,
         "fused": (_scratch_per_element(inp, fused=True) * cf + _scratch_per_element(inp, fused=False) * visit) * V
-                 + weight_grad_bytes(N, V, h, cf, dtype=inp.dtype) + 4 * N * h,
+                 + weight_grad_bytes(N, V, h, cf, dtype=inp.dtype, budget_bytes=budget_mib_to_bytes(inp.chunk_budget_mib))
+                 + 4 * N * h,
     }
 
 

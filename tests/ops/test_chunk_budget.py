@@ -112,6 +112,12 @@ def test_weight_grad_walk_rule():
     assert weight_grad_walk("auto", 4096, 220) == "rows"      # V 151936, the default budget: long enough
     assert weight_grad_walk("auto", 40, 55) == "rows"         # one chunk: the weight gradient is written once
     assert weight_grad_walk("rows", 4096, 1) == "rows" and weight_grad_walk("vocab", 10, 100) == "vocab"
+    # bf16 head, long chunks: the fp32 accumulator exceeds a bf16 gradient by 2 V H bytes
+    bf16 = dict(weight_dtype=torch.bfloat16, hidden=1024)
+    assert weight_grad_walk("auto", 4096, 147, v_shard=151936, **bf16) == "vocab"   # 311 MB > 128 MiB
+    assert weight_grad_walk("auto", 4096, 698, v_shard=32000, **bf16) == "rows"     # 66 MB
+    assert weight_grad_walk("auto", 4096, 698, v_shard=32000, budget_bytes=32 * MIB, **bf16) == "vocab"
+    assert weight_grad_walk("auto", 4096, 220, v_shard=151936, hidden=1024) == "rows"   # fp32: no extra
     with pytest.raises(ValueError, match="weight_grad_walk: expected one of"):
         weight_grad_walk("columns", 10, 1)
 
