@@ -103,8 +103,8 @@ def _fused_pass(hidden, weight, bias, target_local, valid, k: DeceConstants, sha
         h = hidden[rows]
         z = _matmul_into(logits[:rows.stop - start], h, w_real, b_real)            # [c, v_real]
         g = None if grad_buf is None else grad_buf[:rows.stop - start]
-        for v0 in range(0, z.shape[0], per_visit):
-            part = slice(v0, min(v0 + per_visit, z.shape[0]))
+        for r0 in range(0, z.shape[0], per_visit):
+            part = slice(r0, min(r0 + per_visit, z.shape[0]))
             tok = slice(start + part.start, start + part.stop)
             res = one_visit(z[part], target_local[tok], valid[tok], k, shard, group if world > 1 else None, work,
                             row_coef[tok] if g is not None else None, want_loss=want_loss,
