@@ -8,9 +8,9 @@ ops allocate (``shard_math.WorkBuffers`` and the fused path's per-chunk tensors)
     fused    the chunk's logits ``hidden_c @ weight.T`` in the matmul dtype, which its gradient overwrites
              (+ an fp32 gradient buffer when the logits are bf16 / fp16). The chunk is walked in visits of
              ``visit_rows`` rows, each with the unfused path's own scratch (p, q, r, at most the unfused
-             budget, near cache size): long chunks keep the three matmuls efficient (a [55, 1024] x
-             [1024, 151936] product runs at 40 % of a [440, 1024] one's rate on a 2-core EPYC), short visits
-             keep the elementwise passes in cache.
+             budget, near cache size): long chunks keep the three matmuls efficient (at H 1024,
+             V 151936 on a 2-core EPYC: 100 GFLOP/s with 55 rows, 161 with 440;
+             ``benchmarks/bench_chunk_matmul.py``), short visits keep the elementwise passes in cache.
 
     compile  (``backend="compile"``) no fp32 scratch between the fused kernels: unfused, the chunk of logits
              itself (read by each kernel, so kept near cache size); fused, as eager

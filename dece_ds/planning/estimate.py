@@ -45,8 +45,9 @@ Logits and loss memory (``V_local = V / tp`` with the vocab-parallel head; logit
                 gradient overwrites (+ an fp32 gradient buffer for bf16 / fp16), one visit's scratch (three fp32
                 ``[visit, V_local]`` buffers, at most the unfused budget), the head-weight gradient
                 ``V_local x h`` (an fp32 accumulator on the rows walk; in the training dtype on the vocabulary
-                walk that chunks shorter than 128 rows take: ``chunk_budget.weight_grad_bytes``) and the fp32
-                ``grad_hidden`` ``N x h``
+                walk that ``auto`` takes for chunks under 128 rows, or for a bf16 / fp16 head whose fp32
+                accumulator would exceed its gradient by more than the budget: ``chunk_budget.weight_grad_bytes``)
+                and the fp32 ``grad_hidden`` ``N x h``
     ``chunk``, ``visit`` and the scratch bytes per element come from ``dece_ds.ops.chunk_budget`` (the ops' own
     rule): rows = budget // (V_local * bytes per element), default budget 16 MiB unfused (and per fused visit)
     and 128 MiB fused, so the fused scratch stays near 144 MiB whatever V is. The ``dece`` section's
@@ -266,12 +267,13 @@ def loss_memory(shape: ModelShape, inp: PlanInput) -> dict[str, int]:
     visit = visit_rows(cf, V, inp)
     logits = N * V * b
     ce_buffers = 3 if b < 4 else 2
+    budget = budget_mib_to_bytes(inp.chunk_budget_mib)
+    weight_grad = weight_grad_bytes(N, V, h, cf, dtype=inp.dtype, budget_bytes=budget)
     return {
         "ce": logits + ce_buffers * 4 * N * V,
         "dece": logits + N * V * b + _scratch_per_element(inp, fused=False) * c * V,
         "fused": (_scratch_per_element(inp, fused=True) * cf + _scratch_per_element(inp, fused=False) * visit) * V
-                 + weight_grad_bytes(N, V, h, cf, dtype=inp.dtype, budget_bytes=budget_mib_to_bytes(inp.chunk_budget_mib))
-                 + 4 * N * h,
+                 + weight_grad + 4 * N * h,
     }
 
 
