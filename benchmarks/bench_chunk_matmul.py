@@ -8,6 +8,8 @@ Per row count ``c`` and the head ``weight [V, H]``:
     grad_weight  acc [V, H] += dz.T @ hidden_c       (the rows walk's fp32 accumulator)
 
 Each is timed alone (best of ``--repeats`` after one warm-up) and reported in GFLOP/s (``2 c H V`` flops).
+Beside them, a square ``[n, n] @ [n, n]`` matmul (``--square``) as a reference for the CPU's matmul rate, to
+read the rates of the fused-loss benchmarks (``bench_vs_torch.py``) against.
 
     .venv/bin/python benchmarks/bench_chunk_matmul.py --quick         # H 256, V 32000: seconds
     .venv/bin/python benchmarks/bench_chunk_matmul.py --threads 2     # H 1024, V 151936 -> results/chunk_matmul.json
@@ -56,6 +58,13 @@ def measure(rows: int, hidden: int, vocab: int, weight: torch.Tensor, repeats: i
     return row
 
 
+def square_peak(n: int, repeats: int) -> dict:
+    """GFLOP/s of one square fp32 matmul ``[n, n] @ [n, n]`` (``2 n^3`` flops), a reference rate."""
+    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    s = best_seconds(lambda: torch.mm(a, b, out=out), repeats)
+    return {"n": n, "ms": s * 1e3, "gflops": 2.0 * n ** 3 / s / 1e9}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="H 256, V 32000, rows 16 / 64 / 256")
@@ -64,6 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--h", type=int, default=1024)
     ap.add_argument("--v", type=int, default=151936)
     ap.add_argument("--rows", type=int, nargs="+", default=[9, 55, 110, 220, 440, 880])
+    ap.add_argument("--square", type=int, default=4096, help="side of the reference square matmul")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -73,12 +83,14 @@ def main(argv=None) -> int:
     weight = torch.randn(vocab, hidden) * 0.02
     t0 = time.perf_counter()
     results = [measure(c, hidden, vocab, weight, args.repeats) for c in rows]
+    peak = square_peak(512 if args.quick else args.square, args.repeats)
     print_table(results, ["rows", "H", "V", "logits_gflops", "grad_hidden_gflops", "grad_weight_gflops",
                           "all_three_gflops"])
+    print(f"square fp32 matmul {peak['n']}^2: {peak['gflops']:.0f} GFLOP/s (reference)")
     out = args.out or REPO / "benchmarks" / "results" / ("chunk_matmul_quick.json" if args.quick else
                                                            "chunk_matmul.json")
     write_json(out, {"provenance": provenance(), "threads": torch.get_num_threads(), "repeats": args.repeats,
-                     "total_wall_s": time.perf_counter() - t0, "rows": results})
+                     "total_wall_s": time.perf_counter() - t0, "peak_square": peak, "rows": results})
     return 0
 
 

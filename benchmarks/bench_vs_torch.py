@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (REPO, ensure_mmap_threshold, print_table, provenance,  # noqa: E402
-                               run_isolated, write_json)
+                               run_interleaved, run_isolated, write_json)
 from dece_ds import fused_linear_dece  # noqa: E402
 from dece_ds.ops import chunk_budget  # noqa: E402
 from dece_ds.ops.matmul_dtype import matmul_dtype  # noqa: E402
@@ -123,7 +123,8 @@ def estimated_total_gib(name: str, n: int, h: int, v: int, dtype: torch.dtype) -
     return (inputs_and_grads + scratch) / 2**30
 
 
-def bench_cell(name, fn, n, h_dim, v, dtype, device, args) -> dict:
+def cell_case(fn, n, h_dim, v, dtype, device, args) -> tuple:
+    """``(make_inputs, step)`` of one method in one cell: the same seeded inputs for every method."""
     def make_inputs():
         torch.set_num_threads(args.threads)
         g = torch.Generator().manual_seed(0)
@@ -137,7 +138,7 @@ def bench_cell(name, fn, n, h_dim, v, dtype, device, args) -> dict:
         hl, wl = hid.detach().requires_grad_(), w.detach().requires_grad_()
         fn(hl, wl, t).backward()
 
-    return run_isolated(make_inputs, step, args.repeats, args.warmup)
+    return make_inputs, step
 
 
 def add_ratios(cell_rows: list[dict]) -> None:
@@ -175,6 +176,9 @@ def main(argv=None) -> int:
                     help="also fused_linear_dece with backend='compile' (its warm-up run compiles the kernels)")
     ap.add_argument("--methods", nargs="+", metavar="NAME",
                     help="measure only these methods (names as in the table; default: all)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="run the methods of a cell side by side (one child each, one step each per round, ABBA "
+                         "order), so a CPU whose speed drifts over minutes slows them alike")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--update", action="store_true",
                     help="keep the other cells of the results file at --out and replace only the cells measured now "
@@ -206,18 +210,29 @@ def main(argv=None) -> int:
             for h_dim in args.h:
                 for v in args.v:
                     cell = []
+                    skipped, cases = {}, {}
                     for name, fn in methods(args.walks, args.compile).items():
                         if args.methods and name not in args.methods:
                             continue
                         est = estimated_total_gib(name, n, h_dim, v, dtype)
                         if device.type == "cpu" and est > args.max_mem_gib:
-                            res = {"note": f"skipped: ~{est:.0f} GiB estimated > --max-mem-gib {args.max_mem_gib:g}"}
+                            skipped[name] = f"skipped: ~{est:.0f} GiB estimated > --max-mem-gib {args.max_mem_gib:g}"
+                        cases[name] = cell_case(fn, n, h_dim, v, dtype, device, args)
+                    t0 = time.perf_counter()
+                    if args.interleave:
+                        timed = run_interleaved({k: c for k, c in cases.items() if k not in skipped}, args.repeats,
+                                                args.warmup)
+                    for name, case in cases.items():
+                        if name in skipped:
+                            res = {"note": skipped[name]}
+                        elif args.interleave:
+                            res = {**timed[name], "wall_s": time.perf_counter() - t0, "interleaved": True}
                         else:
-                            t0 = time.perf_counter()
-                            res = bench_cell(name, fn, n, h_dim, v, dtype, device, args)
-                            res["wall_s"] = time.perf_counter() - t0
-                            if "error" in res:
-                                res["note"] = res.pop("error")
+                            t1 = time.perf_counter()
+                            res = run_isolated(*case, args.repeats, args.warmup)
+                            res["wall_s"] = time.perf_counter() - t1
+                        if "error" in res:
+                            res["note"] = res.pop("error")
                         cell.append({"dtype": dtype_name, "N": n, "H": h_dim, "V": v, "method": name, **res})
                     add_ratios(cell)
                     measured = cell_provenance(args, device)
@@ -245,7 +260,8 @@ def cell_provenance(args, device: torch.device) -> dict:
     ``native_bf16_matmul``: whether this machine multiplies bf16 natively (else ``fused_linear_dece`` multiplies
     fp32 copies of bf16 inputs, as torch's chunked path does on every CPU: ``dece_ds.ops.matmul_dtype``)."""
     native = matmul_dtype(device, torch.bfloat16) == torch.bfloat16
-    return {**_measured(provenance(), args.threads, args.repeats, args.warmup), "native_bf16_matmul": native}
+    return {**_measured(provenance(), args.threads, args.repeats, args.warmup), "native_bf16_matmul": native,
+            "interleaved": bool(args.interleave)}
 
 
 def previous_rows(out: Path) -> list[dict]:

@@ -100,6 +100,110 @@ def run_isolated(make_inputs, step, reps: int, warmup: int = 1) -> dict:  # noqa
     return json.loads(b"".join(chunks))
 
 
+def run_interleaved(cases: dict, reps: int, warmup: int = 1) -> dict:
+    """``run_isolated`` for several methods at once, their timed runs interleaved: ``{name: (make_inputs,
+    step)}`` -> ``{name: result}`` with the same keys as ``run_isolated``'s.
+
+    Each method gets its own forked child (its inputs, its own peak memory); the parent has every child run its
+    warm-ups, then ``reps`` rounds in which each child runs one step, in ABBA order (reversed every other
+    round). A machine whose speed drifts over minutes (a shared or thermally throttled CPU) then slows every
+    method alike, so the ratios between methods hold even when single times move. Only one child runs at a
+    time. On CUDA the methods run one after another (``run_isolated``)."""
+    if torch.cuda.is_available():
+        return {name: run_isolated(make, step, reps, warmup) for name, (make, step) in cases.items()}
+    children = {name: _start_child(make, step) for name, (make, step) in cases.items()}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    errors: dict[str, str] = {}
+
+    def run(name: str, timed: bool) -> None:
+        if name in errors:
+            return
+        reply = children[name].ask(b"r")
+        if "error" in reply:
+            errors[name] = reply["error"]
+        elif timed:
+            times[name].append(reply["seconds"])
+
+    for name in cases:
+        for _ in range(warmup):
+            run(name, timed=False)
+    order = list(cases)
+    for i in range(reps):
+        for name in (order if i % 2 == 0 else order[::-1]):
+            run(name, timed=True)
+    results = {}
+    for name, child in children.items():
+        peak = child.ask(b"q") if name not in errors else child.close()
+        if name in errors or "error" in peak:
+            results[name] = {"error": errors.get(name) or peak["error"]}
+        else:
+            results[name] = {"time_ms": 1e3 * statistics.median(times[name]),
+                             "runs_ms": [1e3 * t for t in times[name]], "peak_extra_mib": peak["peak_extra_mib"]}
+    return results
+
+
+class _Child:
+    """A forked benchmark child that runs one step per ``b"r"`` and reports its peak memory on ``b"q"``."""
+
+    def __init__(self, pid: int, cmd_fd: int, reply_fd: int):
+        self.pid, self.cmd_fd, self.reply = pid, cmd_fd, os.fdopen(reply_fd, "r")
+
+    def ask(self, command: bytes) -> dict:
+        try:
+            os.write(self.cmd_fd, command)
+        except BrokenPipeError:
+            return self.close()
+        line = self.reply.readline()
+        if not line:
+            return self.close()
+        if command == b"q":
+            self.close()
+        return json.loads(line)
+
+    def close(self) -> dict:
+        """Reap the child; an error result when it died without a reply (out of memory, most likely)."""
+        try:
+            os.close(self.cmd_fd)
+        except OSError:
+            pass
+        self.reply.close()
+        _, status = os.waitpid(self.pid, 0)
+        return {"error": f"child died (status {status}; out of memory?)"}
+
+
+def _start_child(make_inputs, step) -> _Child:
+    cmd_read, cmd_write = os.pipe()
+    reply_read, reply_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: build the inputs, then serve commands until b"q"
+        os.close(cmd_write)
+        os.close(reply_read)
+
+        def reply(obj: dict) -> None:
+            os.write(reply_write, (json.dumps(obj) + "\n").encode())
+
+        try:
+            inputs = make_inputs()
+            reset_peak_rss()
+            base = _rss_kib()
+            while True:
+                command = os.read(cmd_read, 1)
+                if command == b"r":
+                    t0 = time.perf_counter()
+                    step(*inputs)
+                    reply({"seconds": time.perf_counter() - t0})
+                else:  # b"q", or the parent went away
+                    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                    reply({"peak_extra_mib": (peak - base) / 1024})
+                    break
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            reply({"error": f"{type(e).__name__}: {e}"})
+        os._exit(0)
+    os.close(cmd_read)
+    os.close(reply_write)
+    return _Child(pid, cmd_write, reply_read)
+
+
 def print_table(rows: list[dict], columns: list[str]) -> str:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     lines = [" | ".join(c.ljust(widths[c]) for c in columns),

@@ -123,23 +123,51 @@ VS_TORCH_METHODS = {"torch chunked linear_cross_entropy": "torch chunked `linear
                     "fused_linear_dece(compile)": "`fused_linear_dece` (α 0.99), `backend=\"compile\"`"}
 
 
+def matmul_gflops(n: int, hidden: int, vocab: int, time_ms: float) -> float:
+    """The rate a linear cross-entropy's time implies for its three ``N x H x V`` matmuls (logits, hidden
+    gradient, weight gradient: ``6 N H V`` flops), in GFLOP/s; every exact method does at least these."""
+    return 6.0 * n * hidden * vocab / (time_ms * 1e-3) / 1e9
+
+
+def bench_chunk_matmul(root: Path, arg: str = "") -> str:
+    """``benchmarks/bench_chunk_matmul.py``: GFLOP/s of the fused loss's three matmuls by chunk rows, and a
+    square matmul as a reference rate."""
+    data = load_json(root, RESULTS / f"{arg or 'chunk_matmul'}.json")
+    rows = [[str(r["rows"]), str(r["H"]), str(r["V"])]
+            + [f"{r[k]:.0f}" for k in ("logits_gflops", "grad_hidden_gflops", "grad_weight_gflops",
+                                       "all_three_gflops")] for r in data["rows"]]
+    table = md_table(["chunk rows", "H", "V", "logits GFLOP/s", "hidden gradient GFLOP/s",
+                      "weight gradient GFLOP/s", "all three GFLOP/s"], rows)
+    peak = data.get("peak_square")
+    if peak:
+        best = max(r[k] for r in data["rows"] for k in ("logits_gflops", "grad_hidden_gflops",
+                                                         "grad_weight_gflops"))
+        table += (f"\n\nFor reference, a square fp32 [{peak['n']}, {peak['n']}] @ [{peak['n']}, {peak['n']}] matmul "
+                  f"runs at {peak['gflops']:.0f} GFLOP/s; the fastest matmul in the table at {best:.0f}.")
+    return table + "\n\n" + provenance_line(data.get("provenance", {}),
+                                             f"fp32, best of {data.get('repeats')} after one warm-up, "
+                                             f"{data.get('threads')} thread(s)")
+
+
 def bench_vs_torch(root: Path, arg: str = "") -> str:
     """``benchmarks/bench_vs_torch.py``: each method's time and peak extra memory, and both relative to torch's
-    chunked ``linear_cross_entropy`` in the same cell; skipped methods show why."""
+    chunked ``linear_cross_entropy`` in the same cell; skipped methods show why. The rate column is the three
+    matmuls' flops (``6 N H V``) over the method's whole time, to read beside the CPU's matmul peak."""
     data = load_json(root, RESULTS / f"{arg or 'vs_torch'}.json")
     rows = []
     for r in data["rows"]:
         cell = [r["dtype"], str(r["N"]), str(r["H"]), str(r["V"]), VS_TORCH_METHODS.get(r["method"], r["method"])]
         if "time_ms" not in r:
-            rows.append(cell + [r.get("error") or r.get("note") or "skipped", "-", "-", "-", "-"])
+            rows.append(cell + [r.get("error") or r.get("note") or "skipped", "-", "-", "-", "-", "-"])
             continue
         goal = "-" if "goal_time" not in r else f"{r['goal_time']} / {r['goal_mem']}"
-        rows.append(cell + [f"{r['time_ms']:.0f}", fmt(r.get("time_vs_torch")), f"{r['peak_extra_mib']:.0f}",
-                            fmt(r.get("mem_vs_torch")), goal])
+        rows.append(cell + [f"{r['time_ms']:.0f}", fmt(r.get("time_vs_torch")),
+                            f"{matmul_gflops(r['N'], r['H'], r['V'], r['time_ms']):.0f}",
+                            f"{r['peak_extra_mib']:.0f}", fmt(r.get("mem_vs_torch")), goal])
     g = data.get("goal", {})
-    table = md_table(["dtype", "N", "H", "V", "method", "time ms", "× torch time", "peak extra MiB",
-                      "× torch memory", f"goal ≤ {g.get('time_vs_torch_max')}× time / ≤ {g.get('mem_vs_torch_max')}× "
-                      "memory"], rows)
+    table = md_table(["dtype", "N", "H", "V", "method", "time ms", "× torch time", "GFLOP/s (6·N·H·V / time)",
+                      "peak extra MiB", "× torch memory",
+                      f"goal ≤ {g.get('time_vs_torch_max')}× time / ≤ {g.get('mem_vs_torch_max')}× memory"], rows)
     text = table + "\n\n" + provenance_line(
         data.get("provenance", {}), f"median of {data.get('repeats')} run(s) after {data.get('warmup')} warm-up, "
                                     f"{data.get('threads')} thread(s), {data.get('ignore_every') and 100 // data['ignore_every']} % "

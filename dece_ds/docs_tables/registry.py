@@ -27,6 +27,7 @@ from .backdoor_tables import (backdoor_auto, backdoor_climb, backdoor_combined, 
                               backdoor_headline, backdoor_runs, backdoor_seeds, backdoor_target_probs)
 from .bench_tables import (
     audit_overhead,
+    bench_chunk_matmul,
     bench_dece,
     bench_dece_backends,
     bench_fused_linear,
@@ -73,6 +74,7 @@ GENERATORS: dict[str, Generator] = {
     "bench-fused-linear": bench_fused_linear,
     "bench-step-time": bench_step_time,
     "bench-vs-torch": bench_vs_torch,
+    "bench-chunk-matmul": bench_chunk_matmul,
     "planner-validation": planner_validation,
     "audit-overhead": audit_overhead,
     "plan": plan_table,

@@ -376,13 +376,14 @@ def fused_linear_dece(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
         k = make_constants(alpha, label_smoothing, prob_floor, shard.global_vocab_size, z_loss, logit_softcap,
                            backend)
         # the chunk's logits are in the matmul dtype (fp32 for bf16 on a CPU that emulates it: matmul_dtype)
-        chunk_rows = chunk_rows_for(h.shape[0], budget_columns(shard, group), fused=True,
+        cols = budget_columns(shard, group)
+        chunk_rows = chunk_rows_for(h.shape[0], cols, fused=True,
                                     dtype=matmul_dtype(h.device, h.dtype),
                                     budget_bytes=chunk_budget_bytes, chunk_size=chunk_size,
                                     logit_softcap=logit_softcap is not None, backend=backend)
         check_log_p_out(log_p_out, h.shape[0], h.device)
         walk = weight_grad_walk_for(weight_grad_walk, h.shape[0], chunk_rows, weight_dtype=weight.dtype,
-                                    v_shard=budget_columns(shard, group), hidden=h.shape[1],
+                                    v_shard=cols, hidden=h.shape[1],
                                     budget_bytes=chunk_budget_bytes)
         block = vocab_block(h.shape[0], shard.real_size, chunk_rows) if walk == "vocab" else None
         loss = FusedLinearDeceFunction.apply(h, weight, bias, t, valid, k, shard, group, reduction,

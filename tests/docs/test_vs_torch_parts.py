@@ -100,3 +100,30 @@ def test_the_compiled_method_is_named_and_judged_against_the_goal():
     cell.append({**cell[-1], "method": bench.COMPILED, "time_ms": 7.0})
     bench.add_ratios(cell)
     assert cell[-1]["time_vs_torch"] == 0.7 and cell[-1]["goal_time"] == "yes"
+
+
+def test_the_rate_column_is_the_three_matmuls_flops_over_the_time(tmp_path):
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    data = {"provenance": {}, "repeats": 1, "warmup": 1, "threads": 2, "ignore_every": 10,
+            "goal": {"time_vs_torch_max": 0.75, "mem_vs_torch_max": 1.0},
+            "rows": rows("float32", 4096, 1024, 32000, 1000.0)}
+    (results / "rate.json").write_text(json.dumps(data))
+    text = table(tmp_path, "rate")
+    assert "GFLOP/s (6·N·H·V / time)" in text
+    # 6 * 4096 * 1024 * 32000 = 805.3e9 flops in one second
+    assert "| 805 | 100 |" in text   # the rate, then the peak extra MiB
+
+
+def test_the_chunk_matmul_table_names_the_square_reference_and_the_fastest_matmul(tmp_path):
+    from dece_ds.docs_tables.bench_tables import bench_chunk_matmul
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    data = {"provenance": {"cpu": "AMD EPYC"}, "threads": 2, "repeats": 3,
+            "peak_square": {"n": 4096, "ms": 800.0, "gflops": 171.8},
+            "rows": [{"rows": 9, "H": 1024, "V": 151936, "logits_gflops": 17.6, "grad_hidden_gflops": 26.4,
+                      "grad_weight_gflops": 56.1, "all_three_gflops": 26.6}]}
+    (results / "cm.json").write_text(json.dumps(data))
+    text = bench_chunk_matmul(tmp_path, "cm")
+    assert "| 9 | 1024 | 151936 | 18 | 26 | 56 | 27 |" in text
+    assert "[4096, 4096] @ [4096, 4096] matmul runs at 172 GFLOP/s; the fastest matmul in the table at 56." in text
