@@ -16,9 +16,9 @@ Times are medians of ``--repeats`` runs after ``--warmup``; peak extra memory (M
 the inputs: logits or chunk scratch, accumulators, and the gradients of hidden and weight, which every
 method produces. Each (cell, method) runs in a forked child (``benchmarks/common.py``; on CUDA the
 allocator's peak); by default a method runs all its steps before the next method starts, and with
-``--interleave`` the methods of a cell take turns, one step each per round in ABBA order, so that a CPU whose
-speed drifts over minutes slows them alike (``common.run_interleaved``). Ratios are against torch's chunked path; the goal for ``fused_linear_dece`` is at most
-0.75x its time and at most its peak extra memory. A method whose estimated total (inputs included)
+``--interleave`` the methods of a cell take turns, one step each per round in ABBA order, so that a CPU
+whose speed drifts over minutes slows them alike (``common.run_interleaved``). Ratios are against torch's
+chunked path; the goal for ``fused_linear_dece`` is at most 0.75x its time and at most its peak extra memory. A method whose estimated total (inputs included)
 exceeds ``--max-mem-gib`` is skipped and marked in the table (lm_head+F.cross_entropy at N=8192,
 V=151936 in fp32 holds ~5 GB of logits and several more of softmax and gradients).
 

@@ -152,7 +152,8 @@ def bench_chunk_matmul(root: Path, arg: str = "") -> str:
 def bench_vs_torch(root: Path, arg: str = "") -> str:
     """``benchmarks/bench_vs_torch.py``: each method's time and peak extra memory, and both relative to torch's
     chunked ``linear_cross_entropy`` in the same cell; skipped methods show why. The rate column is the three
-    matmuls' flops (``6 N H V``) over the method's whole time, to read beside the CPU's matmul peak."""
+    matmuls' flops (``6 N H V``) over the method's whole time, to read beside the CPU's matmul rate
+    (``bench_chunk_matmul``)."""
     data = load_json(root, RESULTS / f"{arg or 'vs_torch'}.json")
     rows = []
     for r in data["rows"]:
@@ -179,7 +180,8 @@ def bench_vs_torch(root: Path, arg: str = "") -> str:
             cpu = m.get("cpu") or "CPU not recorded"
             if m.get("native_bf16_matmul") is False and r["dtype"] != "float32":
                 cpu += " (no native bf16 matmul: fused_linear_dece multiplies bf16 in fp32)"
-            key = (str(m.get("git_sha"))[:7], cpu, m.get("threads"), m.get("repeats"))
+            key = (str(m.get("git_sha"))[:7], cpu, m.get("threads"),
+                   f"{m.get('repeats')}" + (" interleaved rounds" if m.get("interleaved") else ""))
             parts.setdefault(key, []).append(str(m.get("date"))[:10])
     if len(parts) > 1:
         text += "\nCells measured in parts (`--update`): " + "; ".join(

@@ -127,3 +127,18 @@ def test_the_chunk_matmul_table_names_the_square_reference_and_the_fastest_matmu
     text = bench_chunk_matmul(tmp_path, "cm")
     assert "| 9 | 1024 | 151936 | 18 | 26 | 56 | 27 |" in text
     assert "[4096, 4096] @ [4096, 4096] matmul runs at 172 GFLOP/s; the fastest matmul in the table at 56." in text
+
+
+def test_the_parts_line_names_interleaved_rounds(tmp_path):
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    later = rows("float32", 8192, 1024, 32000, 2.0, sha="bbbbbbb", cpu="AMD EPYC")
+    for r in later:
+        r["measured"] = {**r["measured"], "repeats": 3, "interleaved": True}
+    data = {"provenance": {"git_sha": "bbbbbbb"}, "repeats": 1, "warmup": 1, "threads": 2, "ignore_every": 10,
+            "goal": {"time_vs_torch_max": 0.75, "mem_vs_torch_max": 1.0},
+            "rows": rows("float32", 4096, 1024, 32000, 1.0) + later}
+    (results / "il.json").write_text(json.dumps(data))
+    text = table(tmp_path, "il")
+    assert "git aaaaaaa, CPU not recorded, 2 thread(s), median of 1, 2026-12-03" in text
+    assert "git bbbbbbb, AMD EPYC, 2 thread(s), median of 3 interleaved rounds, 2026-12-03" in text
