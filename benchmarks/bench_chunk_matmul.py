@@ -58,7 +58,7 @@ def measure(rows: int, hidden: int, vocab: int, weight: torch.Tensor, repeats: i
     return row
 
 
-def square_peak(n: int, repeats: int) -> dict:
+def square_matmul_rate(n: int, repeats: int) -> dict:
     """GFLOP/s of one square fp32 matmul ``[n, n] @ [n, n]`` (``2 n^3`` flops), a reference rate."""
     a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
     s = best_seconds(lambda: torch.mm(a, b, out=out), repeats)
@@ -83,14 +83,14 @@ def main(argv=None) -> int:
     weight = torch.randn(vocab, hidden) * 0.02
     t0 = time.perf_counter()
     results = [measure(c, hidden, vocab, weight, args.repeats) for c in rows]
-    peak = square_peak(512 if args.quick else args.square, args.repeats)
+    square = square_matmul_rate(512 if args.quick else args.square, args.repeats)
     print_table(results, ["rows", "H", "V", "logits_gflops", "grad_hidden_gflops", "grad_weight_gflops",
                           "all_three_gflops"])
-    print(f"square fp32 matmul {peak['n']}^2: {peak['gflops']:.0f} GFLOP/s (reference)")
+    print(f"square fp32 matmul {square['n']}^2: {square['gflops']:.0f} GFLOP/s (reference)")
     out = args.out or REPO / "benchmarks" / "results" / ("chunk_matmul_quick.json" if args.quick else
                                                            "chunk_matmul.json")
     write_json(out, {"provenance": provenance(), "threads": torch.get_num_threads(), "repeats": args.repeats,
-                     "total_wall_s": time.perf_counter() - t0, "peak_square": peak, "rows": results})
+                     "total_wall_s": time.perf_counter() - t0, "peak_square": square, "rows": results})
     return 0
 
 

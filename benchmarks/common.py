@@ -133,9 +133,13 @@ def run_interleaved(cases: dict, reps: int, warmup: int = 1) -> dict:
             run(name, timed=True)
     results = {}
     for name, child in children.items():
-        peak = child.ask(b"q") if name not in errors else child.close()
-        if name in errors or "error" in peak:
-            results[name] = {"error": errors.get(name) or peak["error"]}
+        if name in errors:
+            child.close()
+            results[name] = {"error": errors[name]}
+            continue
+        peak = child.ask(b"q")
+        if "error" in peak:
+            results[name] = peak
         else:
             results[name] = {"time_ms": 1e3 * statistics.median(times[name]),
                              "runs_ms": [1e3 * t for t in times[name]], "peak_extra_mib": peak["peak_extra_mib"]}
@@ -147,28 +151,28 @@ class _Child:
 
     def __init__(self, pid: int, cmd_fd: int, reply_fd: int):
         self.pid, self.cmd_fd, self.reply = pid, cmd_fd, os.fdopen(reply_fd, "r")
+        self.status: int | None = None   # the wait status, once reaped
 
     def ask(self, command: bytes) -> dict:
+        """Send ``command``; the child's reply, or an error result when it died without one."""
         try:
             os.write(self.cmd_fd, command)
+            line = self.reply.readline()
         except BrokenPipeError:
-            return self.close()
-        line = self.reply.readline()
+            line = ""
         if not line:
-            return self.close()
+            return {"error": f"child died (status {self.close()}; out of memory?)"}
         if command == b"q":
             self.close()
         return json.loads(line)
 
-    def close(self) -> dict:
-        """Reap the child; an error result when it died without a reply (out of memory, most likely)."""
-        try:
+    def close(self) -> int:
+        """Close the pipes and reap the child (once) -> its wait status."""
+        if self.status is None:
             os.close(self.cmd_fd)
-        except OSError:
-            pass
-        self.reply.close()
-        _, status = os.waitpid(self.pid, 0)
-        return {"error": f"child died (status {status}; out of memory?)"}
+            self.reply.close()
+            self.status = os.waitpid(self.pid, 0)[1]
+        return self.status
 
 
 def _start_child(make_inputs, step) -> _Child:

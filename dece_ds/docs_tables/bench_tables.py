@@ -129,21 +129,23 @@ def matmul_gflops(n: int, hidden: int, vocab: int, time_ms: float) -> float:
     return 6.0 * n * hidden * vocab / (time_ms * 1e-3) / 1e9
 
 
+CHUNK_MATMULS = ("logits_gflops", "grad_hidden_gflops", "grad_weight_gflops")
+
+
 def bench_chunk_matmul(root: Path, arg: str = "") -> str:
     """``benchmarks/bench_chunk_matmul.py``: GFLOP/s of the fused loss's three matmuls by chunk rows, and a
     square matmul as a reference rate."""
     data = load_json(root, RESULTS / f"{arg or 'chunk_matmul'}.json")
     rows = [[str(r["rows"]), str(r["H"]), str(r["V"])]
-            + [f"{r[k]:.0f}" for k in ("logits_gflops", "grad_hidden_gflops", "grad_weight_gflops",
-                                       "all_three_gflops")] for r in data["rows"]]
+            + [f"{r[k]:.0f}" for k in (*CHUNK_MATMULS, "all_three_gflops")] for r in data["rows"]]
     table = md_table(["chunk rows", "H", "V", "logits GFLOP/s", "hidden gradient GFLOP/s",
                       "weight gradient GFLOP/s", "all three GFLOP/s"], rows)
-    peak = data.get("peak_square")
-    if peak:
-        best = max(r[k] for r in data["rows"] for k in ("logits_gflops", "grad_hidden_gflops",
-                                                         "grad_weight_gflops"))
-        table += (f"\n\nFor reference, a square fp32 [{peak['n']}, {peak['n']}] @ [{peak['n']}, {peak['n']}] matmul "
-                  f"runs at {peak['gflops']:.0f} GFLOP/s; the fastest matmul in the table at {best:.0f}.")
+    square = data.get("peak_square")
+    if square:
+        best = max(r[k] for r in data["rows"] for k in CHUNK_MATMULS)
+        n = square["n"]
+        table += (f"\n\nFor reference, a square fp32 [{n}, {n}] @ [{n}, {n}] matmul runs at {square['gflops']:.0f} "
+                  f"GFLOP/s; the fastest matmul in the table at {best:.0f}.")
     return table + "\n\n" + provenance_line(data.get("provenance", {}),
                                              f"fp32, best of {data.get('repeats')} after one warm-up, "
                                              f"{data.get('threads')} thread(s)")

@@ -9,8 +9,8 @@ ops allocate (``shard_math.WorkBuffers`` and the fused path's per-chunk tensors)
              (+ an fp32 gradient buffer when the logits are bf16 / fp16). The chunk is walked in visits of
              ``visit_rows`` rows, each with the unfused path's own scratch (p, q, r, at most the unfused
              budget, near cache size): long chunks keep the three matmuls efficient (at H 1024,
-             V 151936 on a 2-core EPYC: 100 GFLOP/s with 55 rows, 161 with 440;
-             ``benchmarks/bench_chunk_matmul.py``), short visits keep the elementwise passes in cache.
+             V 151936 on a 2-core EPYC: 116 GFLOP/s with 55 rows, 166 with 440;
+             ``benchmarks/results/chunk_matmul.json``), short visits keep the elementwise passes in cache.
 
     compile  (``backend="compile"``) no fp32 scratch between the fused kernels: unfused, the chunk of logits
              itself (read by each kernel, so kept near cache size); fused, as eager
@@ -54,13 +54,18 @@ def scratch_bytes_per_element(*, fused: bool, dtype=torch.float32, logit_softcap
     return 3 * c + (c if logit_softcap else 0)   # p, q, r (+ capped logits)
 
 
+def budget_or_default(budget_bytes: int | None, *, fused: bool) -> int:
+    """``budget_bytes``, or the path's ``DEFAULT_BUDGET_BYTES`` when None."""
+    return DEFAULT_BUDGET_BYTES["fused" if fused else "unfused"] if budget_bytes is None else int(budget_bytes)
+
+
 def chunk_rows(n_rows: int, v_shard: int, *, fused: bool, dtype=torch.float32, budget_bytes: int | None = None,
                chunk_size: int | None = None, logit_softcap: bool = False, backend: str = "eager") -> int:
     """Rows per chunk: ``chunk_size`` if given, else as many rows as ``budget_bytes`` (default: the path's
     ``DEFAULT_BUDGET_BYTES``) of scratch hold; at least 1, at most ``n_rows`` (1 when ``n_rows`` is 0)."""
     if chunk_size is not None:
         return max(1, min(int(chunk_size), max(n_rows, 1)))
-    budget = DEFAULT_BUDGET_BYTES["fused" if fused else "unfused"] if budget_bytes is None else int(budget_bytes)
+    budget = budget_or_default(budget_bytes, fused=fused)
     per_row = max(v_shard, 1) * scratch_bytes_per_element(fused=fused, dtype=dtype, logit_softcap=logit_softcap,
                                                           backend=backend)
     return max(1, min(max(n_rows, 1), budget // per_row))
@@ -110,7 +115,7 @@ def weight_grad_walk(requested: str, n_rows: int, rows_per_chunk: int, *, weight
         return "rows"
     if rows_per_chunk < VOCAB_WALK_BELOW_ROWS:
         return "vocab"
-    budget = DEFAULT_BUDGET_BYTES["fused"] if budget_bytes is None else int(budget_bytes)
+    budget = budget_or_default(budget_bytes, fused=True)
     accumulator_extra = (4 - _width(weight_dtype)) * v_shard * hidden
     return "vocab" if accumulator_extra > budget else "rows"
 

@@ -52,3 +52,28 @@ def test_rounds_alternate_and_each_method_keeps_its_own_time_memory_and_error(tm
     assert 15 < res["A"]["time_ms"] < 60 and 75 < res["B"]["time_ms"] < 200
     assert res["A"]["peak_extra_mib"] < 40 and 80 < res["B"]["peak_extra_mib"] < 200   # B holds 95 MiB
     assert res["C"] == {"error": "RuntimeError: no such kernel"}
+
+
+DIES = """
+import json, os, torch
+from benchmarks.common import run_interleaved
+
+def case(die):
+    def make_inputs():
+        return (torch.zeros(1),)
+    def step(x):
+        if die:
+            os._exit(9)          # as the kernel's OOM killer would end it: no reply
+    return make_inputs, step
+
+print(json.dumps(run_interleaved({"A": case(False), "D": case(True)}, reps=2, warmup=1)))
+"""
+
+
+def test_a_child_that_dies_without_a_reply_is_an_error_and_the_others_finish():
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", DIES], capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["D"]["error"].startswith("child died") and len(res["A"]["runs_ms"]) == 2
